@@ -1,0 +1,312 @@
+//! Tensors on disk in the safetensors format (what PyTorch, candle and burn exchange).
+//!
+//! Files are written atomically: to a temporary file beside the target, flushed to disk, then
+//! renamed over it, so a crash never leaves a half-written file under the real name. Reading
+//! checks everything it relies on and returns a [`TensorFileError`] that names the file and what
+//! is wrong with it: never a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::param::ParamStore;
+use crate::tensor::Tensor;
+
+/// What went wrong reading or writing a tensor file.
+#[derive(Debug)]
+pub enum TensorFileError {
+    /// The file could not be read or written.
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The bytes are not a valid safetensors file (bad header, offsets out of range, truncated).
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What the parser found wrong.
+        detail: String,
+    },
+    /// A tensor the reader needs is not in the file.
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+    },
+    /// A tensor has another shape than the one expected.
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The shape the model has.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor is stored with an element type other than `f32`.
+    Dtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// The element type in the file.
+        found: String,
+    },
+    /// The file's metadata is missing a field or holds an invalid value.
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl fmt::Display for TensorFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TensorFileError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            TensorFileError::Format { path, detail } => {
+                write!(
+                    f,
+                    "{}: not a valid safetensors file: {detail}",
+                    path.display()
+                )
+            }
+            TensorFileError::Missing { path, name } => {
+                write!(f, "{}: tensor {name:?} is missing", path.display())
+            }
+            TensorFileError::Shape {
+                path,
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "{}: tensor {name:?} has shape {found:?}, expected {expected:?}",
+                path.display()
+            ),
+            TensorFileError::Dtype { path, name, found } => write!(
+                f,
+                "{}: tensor {name:?} is stored as {found}, expected F32",
+                path.display()
+            ),
+            TensorFileError::Metadata { path, detail } => {
+                write!(f, "{}: metadata: {detail}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for TensorFileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TensorFileError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The contents of a safetensors file: named `f32` tensors and string metadata.
+#[derive(Clone, Debug, Default)]
+pub struct TensorFile {
+    /// The file the contents came from.
+    pub path: PathBuf,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// The header's `__metadata__` map.
+    pub metadata: HashMap<String, String>,
+}
+
+impl TensorFile {
+    /// Takes a tensor out by name, checking its shape if `expected` is given.
+    pub fn take(
+        &mut self,
+        name: &str,
+        expected: Option<&[usize]>,
+    ) -> Result<Tensor, TensorFileError> {
+        let t = self.get(name, expected)?.clone();
+        self.tensors.remove(name);
+        Ok(t)
+    }
+
+    /// A tensor by name, checking its shape if `expected` is given.
+    pub fn get(&self, name: &str, expected: Option<&[usize]>) -> Result<&Tensor, TensorFileError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| TensorFileError::Missing {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })?;
+        if let Some(shape) = expected
+            && t.shape() != shape
+        {
+            return Err(TensorFileError::Shape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape().to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// A metadata value by key.
+    pub fn meta(&self, key: &str) -> Result<&str, TensorFileError> {
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| TensorFileError::Metadata {
+                path: self.path.clone(),
+                detail: format!("missing key {key:?}"),
+            })
+    }
+}
+
+fn f32_bytes(t: &Tensor) -> Vec<u8> {
+    let mut out = Vec::with_capacity(t.numel() * 4);
+    for v in t.data() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Writes named tensors and metadata to `path` as safetensors, atomically.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<(), TensorFileError> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), f32_bytes(t), t.shape().to_vec()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| TensorFileError::Format {
+                    path: path.to_path_buf(),
+                    detail: format!("tensor {n:?}: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = (!metadata.is_empty()).then_some(metadata);
+    let data = safetensors::serialize(views, meta).map_err(|e| TensorFileError::Format {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    write_atomic(path, &data)
+}
+
+/// Writes `data` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TensorFileError> {
+    let io = |source| TensorFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io(std::io::Error::other("path has no file name")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Reads every tensor of a safetensors file (all must be `f32`).
+pub fn read_tensors(path: &Path) -> Result<TensorFile, TensorFileError> {
+    let data = std::fs::read(path).map_err(|source| TensorFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let format = |detail: String| TensorFileError::Format {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let (_, meta) = SafeTensors::read_metadata(&data).map_err(|e| format(e.to_string()))?;
+    let st = SafeTensors::deserialize(&data).map_err(|e| format(e.to_string()))?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(TensorFileError::Dtype {
+                path: path.to_path_buf(),
+                name,
+                found: format!("{:?}", view.dtype()),
+            });
+        }
+        let raw = view.data();
+        let values: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let shape = view.shape().to_vec();
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(format(format!(
+                "tensor {name:?}: {} bytes do not fill shape {shape:?}",
+                raw.len()
+            )));
+        }
+        tensors.insert(name, Tensor::from_vec(values, &shape));
+    }
+    Ok(TensorFile {
+        path: path.to_path_buf(),
+        tensors,
+        metadata: meta.metadata().clone().unwrap_or_default(),
+    })
+}
+
+/// Saves every parameter of `store` under its dotted name (PyTorch `state_dict` style).
+pub fn save_params(store: &ParamStore, path: &Path) -> Result<(), TensorFileError> {
+    let tensors: Vec<(String, &Tensor)> = store
+        .iter()
+        .map(|(_, name, t)| (name.to_string(), t))
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "kron-params".to_string());
+    write_tensors(path, &tensors, meta)
+}
+
+/// Loads every parameter of `store` from a file, matching by name and checking shapes. Every
+/// tensor is checked before any is written, so on error the store is left as it was. Extra
+/// tensors in the file are ignored.
+pub fn load_params(store: &mut ParamStore, path: &Path) -> Result<(), TensorFileError> {
+    let file = read_tensors(path)?;
+    load_params_from(store, &file, "")
+}
+
+/// Loads the parameters of `store` from tensors named `prefix + name` in an already-read file,
+/// all or nothing.
+pub fn load_params_from(
+    store: &mut ParamStore,
+    file: &TensorFile,
+    prefix: &str,
+) -> Result<(), TensorFileError> {
+    let mut staged = Vec::with_capacity(store.len());
+    for (id, name, value) in store.iter() {
+        let t = file.get(&format!("{prefix}{name}"), Some(value.shape()))?;
+        staged.push((id, t.clone()));
+    }
+    for (id, t) in staged {
+        store.set(id, t);
+    }
+    Ok(())
+}

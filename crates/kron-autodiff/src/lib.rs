@@ -1,0 +1,37 @@
+//! # kron-autodiff
+//!
+//! `f32` tensors and a tape-based reverse-mode autodiff built for second-order optimization.
+//!
+//! * [`Tensor`]: row-major, contiguous, storage shared by `Arc`; GEMM through matrixmultiply.
+//! * [`Tape`] and [`Var`]: an append-only arena of recorded ops (an enum, not closures);
+//!   [`Tape::backward`] sweeps it once in reverse, does not consume it, and returns
+//!   [`Gradients`] keyed by [`ParamId`].
+//! * **Curvature capture**: the dense and conv layers are single fused ops
+//!   ([`Var::linear`], [`Var::conv2d`]). A tape asked to capture a layer
+//!   ([`Tape::capturing`]) keeps its input activations `a` and its pre-activation gradients
+//!   `g` ([`LayerCapture`]), from which the Kronecker factors of KFAC and KFC follow
+//!   ([`LayerCapture::a_factor`], [`LayerCapture::g_factor`]).
+//! * [`Rng`]: the seeded, serializable generator behind every random draw.
+//! * [`testing`]: the finite-difference gradient checker the tests of every crate use.
+//! * [`io`]: safetensors files, written atomically and read with errors that say what is wrong.
+
+mod capture;
+mod gemm;
+mod gradients;
+pub mod io;
+pub mod ops;
+mod param;
+mod rng;
+mod tape;
+mod tensor;
+pub mod testing;
+
+pub use capture::LayerCapture;
+pub use gemm::gemm;
+pub use gradients::Gradients;
+pub use ops::loss::{LossKind, Targets};
+pub use ops::{ConvGeom, PoolGeom, Unary};
+pub use param::{LayerId, ParamId, ParamStore};
+pub use rng::Rng;
+pub use tape::{Tape, Var};
+pub use tensor::{Shape, Tensor, broadcast_shape, numel, sum_to_shape};

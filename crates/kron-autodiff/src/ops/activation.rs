@@ -1,0 +1,256 @@
+//! Pointwise activations, log-softmax and dropout.
+
+use super::{GradSink, Op};
+use crate::tape::Var;
+use crate::tensor::Tensor;
+
+/// A pointwise function recorded on the tape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    /// `max(x, 0)`.
+    Relu,
+    /// `x` if positive, else `slope * x`.
+    LeakyRelu(f32),
+    /// Hyperbolic tangent.
+    Tanh,
+    /// Logistic sigmoid `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// `ln(1 + e^x)`, computed stably.
+    Softplus,
+    /// GELU, the tanh approximation `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (as in
+    /// BERT and GPT-2).
+    Gelu,
+    /// `e^x`.
+    Exp,
+    /// Natural logarithm.
+    Log,
+    /// `x^2`.
+    Square,
+    /// Square root.
+    Sqrt,
+}
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
+const GELU_A: f32 = 0.044_715;
+
+/// The logistic sigmoid of one value.
+pub fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `ln(1 + e^x)` without overflow.
+pub fn softplus(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+impl Unary {
+    /// The function's value at `x`.
+    pub fn eval(self, x: f32) -> f32 {
+        match self {
+            Unary::Relu => x.max(0.0),
+            Unary::LeakyRelu(s) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    s * x
+                }
+            }
+            Unary::Tanh => x.tanh(),
+            Unary::Sigmoid => sigmoid(x),
+            Unary::Softplus => softplus(x),
+            Unary::Gelu => 0.5 * x * (1.0 + (GELU_C * (x + GELU_A * x * x * x)).tanh()),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Square => x * x,
+            Unary::Sqrt => x.sqrt(),
+        }
+    }
+
+    /// The derivative, given the input `x` and the output `y`.
+    pub fn derivative(self, x: f32, y: f32) -> f32 {
+        match self {
+            Unary::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Unary::LeakyRelu(s) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    s
+                }
+            }
+            Unary::Tanh => 1.0 - y * y,
+            Unary::Sigmoid => y * (1.0 - y),
+            Unary::Softplus => sigmoid(x),
+            Unary::Gelu => {
+                let u = GELU_C * (x + GELU_A * x * x * x);
+                let th = u.tanh();
+                0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_C * (1.0 + 3.0 * GELU_A * x * x)
+            }
+            Unary::Exp => y,
+            Unary::Log => 1.0 / x,
+            Unary::Square => 2.0 * x,
+            Unary::Sqrt => 0.5 / y,
+        }
+    }
+}
+
+impl<'t> Var<'t> {
+    /// Applies a pointwise function.
+    pub fn unary(self, u: Unary) -> Var<'t> {
+        let v = self.tape.value_of(self.id).map(|x| u.eval(x));
+        self.tape.record(Op::Unary(self.id, u), v, &[self.id])
+    }
+
+    /// `max(x, 0)`.
+    pub fn relu(self) -> Var<'t> {
+        self.unary(Unary::Relu)
+    }
+
+    /// Leaky ReLU with negative `slope`.
+    pub fn leaky_relu(self, slope: f32) -> Var<'t> {
+        self.unary(Unary::LeakyRelu(slope))
+    }
+
+    /// Hyperbolic tangent.
+    pub fn tanh(self) -> Var<'t> {
+        self.unary(Unary::Tanh)
+    }
+
+    /// Logistic sigmoid.
+    pub fn sigmoid(self) -> Var<'t> {
+        self.unary(Unary::Sigmoid)
+    }
+
+    /// Softplus `ln(1 + e^x)`.
+    pub fn softplus(self) -> Var<'t> {
+        self.unary(Unary::Softplus)
+    }
+
+    /// GELU (tanh approximation).
+    pub fn gelu(self) -> Var<'t> {
+        self.unary(Unary::Gelu)
+    }
+
+    /// `e^x`.
+    pub fn exp(self) -> Var<'t> {
+        self.unary(Unary::Exp)
+    }
+
+    /// Natural logarithm.
+    pub fn ln(self) -> Var<'t> {
+        self.unary(Unary::Log)
+    }
+
+    /// `x^2`.
+    pub fn square(self) -> Var<'t> {
+        self.unary(Unary::Square)
+    }
+
+    /// Square root.
+    pub fn sqrt(self) -> Var<'t> {
+        self.unary(Unary::Sqrt)
+    }
+
+    /// Log-softmax along the last axis, computed stably (max subtracted).
+    #[track_caller]
+    pub fn log_softmax(self) -> Var<'t> {
+        let v = log_softmax_rows(&self.tape.value_of(self.id));
+        self.tape.record(Op::LogSoftmax(self.id), v, &[self.id])
+    }
+
+    /// Inverted dropout: in training, zeroes each element with probability `p` and scales the
+    /// rest by `1 / (1 - p)`, with a mask drawn from the tape's generator; in eval mode, the
+    /// identity.
+    ///
+    /// # Panics
+    /// If `p` is not in `[0, 1)`.
+    #[track_caller]
+    pub fn dropout(self, p: f32) -> Var<'t> {
+        assert!(
+            (0.0..1.0).contains(&p),
+            "dropout: probability {p} not in [0, 1)"
+        );
+        if !self.tape.is_training() || p == 0.0 {
+            return self;
+        }
+        let shape = self.shape();
+        let keep = 1.0 / (1.0 - p);
+        let n: usize = shape.iter().product();
+        let mask_data: Vec<f32> = self.tape.draw_mask(|rng| {
+            (0..n)
+                .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
+                .collect()
+        });
+        let mask = Tensor::from_vec(mask_data, &shape);
+        let v = self.tape.value_of(self.id).mul(&mask);
+        self.tape
+            .record(Op::Dropout { x: self.id, mask }, v, &[self.id])
+    }
+}
+
+/// Log-softmax of each row (last axis) of a tensor.
+pub(crate) fn log_softmax_rows(x: &Tensor) -> Tensor {
+    let c = *x.shape().last().expect("log_softmax: scalar input");
+    let mut out = x.data().to_vec();
+    for row in out.chunks_mut(c.max(1)) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = row
+            .iter()
+            .map(|&v| ((v - m) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32
+            + m;
+        for v in row.iter_mut() {
+            *v -= lse;
+        }
+    }
+    Tensor::from_vec(out, x.shape())
+}
+
+pub(super) fn unary_backward(
+    x: usize,
+    u: Unary,
+    out: &Tensor,
+    g: &Tensor,
+    sink: &mut GradSink<'_>,
+) {
+    let xv = sink.value(x);
+    let (xd, yd, gd) = (xv.data(), out.data(), g.data());
+    let d = if xd.len() >= crate::tensor::PAR_THRESHOLD {
+        use rayon::prelude::*;
+        (0..xd.len())
+            .into_par_iter()
+            .with_min_len(4096)
+            .map(|i| gd[i] * u.derivative(xd[i], yd[i]))
+            .collect()
+    } else {
+        (0..xd.len())
+            .map(|i| gd[i] * u.derivative(xd[i], yd[i]))
+            .collect()
+    };
+    let gx = Tensor::from_vec(d, xv.shape());
+    sink.add(x, gx);
+}
+
+pub(super) fn log_softmax_backward(x: usize, out: &Tensor, g: &Tensor, sink: &mut GradSink<'_>) {
+    // y = x - lse(x): dx = g - softmax(x) * sum(g).
+    let c = *out.shape().last().unwrap();
+    let mut gx = g.data().to_vec();
+    for (row, y) in gx.chunks_mut(c.max(1)).zip(out.data().chunks(c.max(1))) {
+        let s: f32 = row.iter().sum();
+        for (r, &yv) in row.iter_mut().zip(y) {
+            *r -= yv.exp() * s;
+        }
+    }
+    sink.add(x, Tensor::from_vec(gx, out.shape()));
+}
