@@ -1,0 +1,1 @@
+//! Datasets for kron: MNIST-format IDX files, bundled real data, synthetic problems, seeded batching.

@@ -1,0 +1,1 @@
+//! Optimizers for kron: SGD, Adam, and Kronecker-factored second-order methods.

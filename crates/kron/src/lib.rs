@@ -1,0 +1,1 @@
+//! kron: a Rust framework for training neural networks with second-order optimizers.
