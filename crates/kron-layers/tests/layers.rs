@@ -1,0 +1,182 @@
+//! Layers: gradients against finite differences, Fisher-block metadata, weight files.
+
+use kron_autodiff::testing::{GradCheck, check_param_gradients};
+use kron_autodiff::{ParamStore, Rng, Tape, Tensor};
+use kron_layers::{
+    Activation, AvgPool2d, BlockKind, Conv2dConfig, Dense, DenseConfig, Dropout, Flatten,
+    MaxPool2d, Module, Sequential, TensorFileError,
+};
+
+fn conv_net(store: &mut ParamStore, rng: &mut Rng) -> Sequential {
+    Sequential::new()
+        .push(
+            Conv2dConfig::new(2, 3, 3)
+                .with_padding(1)
+                .with_stride(2)
+                .build(store, "features.0", rng),
+        )
+        .push(Activation::Tanh)
+        .push(AvgPool2d::new(2, 1, 0))
+        .push(
+            Conv2dConfig::new(3, 4, 2)
+                .with_bias(false)
+                .build(store, "features.3", rng),
+        )
+        .push(Activation::Softplus)
+        .push(Flatten)
+        .push(Dense::new(store, "head", 4, 3, rng))
+}
+
+#[test]
+fn sequential_conv_net_gradients_match_finite_differences() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(1);
+    let net = conv_net(&mut store, &mut rng);
+    let x = Tensor::randn(&[2, 2, 6, 5], 0.0, 1.0, &mut rng);
+    let labels = [2usize, 0];
+    let report = check_param_gradients(
+        &store,
+        |tape| net.forward(tape.input(x.clone())).cross_entropy(&labels),
+        &GradCheck {
+            eps: 1e-2,
+            rtol: 2e-2,
+            atol: 2e-3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(report.checked, store.num_scalars());
+}
+
+#[test]
+fn dense_net_gradients_match_finite_differences() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(2);
+    let net = Sequential::new()
+        .push(Dense::new(&mut store, "0", 5, 4, &mut rng))
+        .push(Activation::Sigmoid)
+        .push(
+            DenseConfig::new(4, 3)
+                .with_bias(false)
+                .build(&mut store, "2", &mut rng),
+        )
+        .push(Activation::Gelu)
+        .push(Dense::new(&mut store, "4", 3, 5, &mut rng));
+    let x = Tensor::randn(&[3, 5], 0.0, 1.0, &mut rng);
+    let t = Tensor::rand_uniform(&[3, 5], 0.0, 1.0, &mut rng);
+    check_param_gradients(
+        &store,
+        |tape| net.forward(tape.input(x.clone())).sigmoid_bce(&t),
+        &GradCheck::default(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn fisher_blocks_describe_the_layers() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(3);
+    let net = conv_net(&mut store, &mut rng)
+        .push(MaxPool2d::new(1, 1, 0))
+        .push(Dropout::new(0.1));
+    let blocks = net.fisher_blocks();
+    assert_eq!(blocks.len(), 3);
+    assert_eq!(blocks[0].path, "features.0");
+    assert_eq!(
+        blocks[0].kind,
+        BlockKind::Conv2d {
+            in_ch: 2,
+            out_ch: 3,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            padding: 1
+        }
+    );
+    assert_eq!((blocks[0].a_dim(), blocks[0].g_dim()), (19, 3));
+    assert_eq!((blocks[1].a_dim(), blocks[1].g_dim()), (12, 4));
+    assert!(blocks[1].bias.is_none());
+    assert_eq!((blocks[2].a_dim(), blocks[2].g_dim()), (5, 3));
+    assert_eq!(store.name(blocks[2].weight), "head.weight");
+    assert_eq!(net.param_ids().len(), 5);
+    // Distinct capture sites.
+    let mut layers: Vec<_> = blocks.iter().map(|b| b.layer).collect();
+    layers.dedup();
+    assert_eq!(layers.len(), 3);
+}
+
+#[test]
+fn join_and_split_round_trip() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(4);
+    let conv = Conv2dConfig::new(2, 3, 2).build(&mut store, "c", &mut rng);
+    let block = conv.block().clone();
+    let w = store.get(block.weight).clone();
+    let b = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3]);
+    let aug = block.join(&w, Some(&b));
+    assert_eq!(aug.shape(), &[3, 9]);
+    assert_eq!(aug.data()[8], 1.0);
+    assert_eq!(aug.data()[17], 2.0);
+    let (w2, b2) = block.split(&aug, w.shape());
+    assert_eq!(w2, w);
+    assert_eq!(b2.unwrap(), b);
+}
+
+#[test]
+fn dropout_is_identity_in_eval_and_seeded_in_training() {
+    let store = ParamStore::new();
+    let x = Tensor::ones(&[4, 50]);
+    let eval = Tape::new(&store).training(false);
+    let y = Dropout::new(0.5).forward(eval.input(x.clone())).value();
+    assert_eq!(y, x);
+    let run = |seed| {
+        let t = Tape::new(&store).with_rng(Rng::new(seed));
+        Dropout::new(0.5).forward(t.input(x.clone())).value()
+    };
+    assert_eq!(run(7), run(7));
+    assert_ne!(run(7), run(8));
+    let kept = run(7).data().iter().filter(|&&v| v != 0.0).count();
+    assert!((60..140).contains(&kept), "{kept} of 200 kept");
+    assert!(run(7).data().iter().all(|&v| v == 0.0 || v == 2.0));
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kron-layers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn weights_round_trip_and_mismatches_are_refused() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(5);
+    let _net = conv_net(&mut store, &mut rng);
+    let path = temp("net.safetensors");
+    kron_layers::save(&store, &path).unwrap();
+    let mut other = ParamStore::new();
+    let _ = conv_net(&mut other, &mut Rng::new(6));
+    assert_ne!(other, store);
+    kron_layers::load(&mut other, &path).unwrap();
+    assert_eq!(other, store);
+
+    // A model with a wider head does not fit: error names the tensor and shapes, store intact.
+    let mut wide = ParamStore::new();
+    let mut r = Rng::new(7);
+    let _ = Conv2dConfig::new(2, 3, 3)
+        .with_padding(1)
+        .with_stride(2)
+        .build(&mut wide, "features.0", &mut r);
+    let _ = Conv2dConfig::new(3, 4, 2)
+        .with_bias(false)
+        .build(&mut wide, "features.3", &mut r);
+    let _ = Dense::new(&mut wide, "head", 4, 5, &mut r);
+    let before = wide.clone();
+    let err = kron_layers::load(&mut wide, &path).unwrap_err();
+    assert!(matches!(err, TensorFileError::Shape { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("head.weight") && msg.contains("[3, 4]") && msg.contains("[5, 4]"),
+        "{msg}"
+    );
+    assert_eq!(wide, before);
+}
