@@ -1,1 +1,19 @@
-//! Optimizers for kron: SGD, Adam, and Kronecker-factored second-order methods.
+//! # kron-optim
+//!
+//! Optimizers behind one object-safe trait, [`Optimizer`]: first-order baselines ([`Sgd`],
+//! [`Adam`]) and the Kronecker-factored second-order methods, which read the curvature
+//! statistics the tape captures for the layers' [`FisherBlock`](kron_layers::FisherBlock)s.
+//!
+//! Every optimizer exports its state ([`Optimizer::state`]) as named tensors and JSON, so a
+//! run resumes from a checkpoint with the same bits, and refuses a step whose gradients hold
+//! NaN or infinity without changing anything.
+
+mod error;
+mod first_order;
+mod optimizer;
+mod schedule;
+
+pub use error::OptimError;
+pub use first_order::{Adam, AdamConfig, Sgd, SgdConfig, sgd_update};
+pub use optimizer::{Captures, FisherKind, OptimState, Optimizer, StepReport, Wants, check_finite};
+pub use schedule::{Decay, Schedule};

@@ -1,1 +1,40 @@
-//! kron: a Rust framework for training neural networks with second-order optimizers.
+//! # kron
+//!
+//! A framework for training neural networks with second-order optimizers, built for curvature
+//! from the first line: the tape records each layer's input activations and pre-activation
+//! gradients natively, the layers know their own Fisher blocks, and the optimizers turn those
+//! statistics into preconditioned updates.
+//!
+//! This crate re-exports the workspace's crates and adds the training step
+//! ([`train_step`]) and checkpoints ([`save_checkpoint`], [`load_checkpoint`]).
+//!
+//! * [`autodiff`]: tensors, the tape, curvature capture, the seeded generator.
+//! * [`layers`]: modules and their Fisher-block metadata.
+//! * [`optim`]: optimizers.
+//! * [`data`]: datasets and seeded batching.
+//!
+//! Most programs start with `use kron::prelude::*;`.
+
+mod checkpoint;
+mod train;
+
+pub use kron_autodiff as autodiff;
+pub use kron_data as data;
+pub use kron_layers as layers;
+pub use kron_optim as optim;
+
+pub use checkpoint::{
+    CheckpointError, FORMAT_VERSION, TrainState, load_checkpoint, save_checkpoint,
+};
+pub use train::{Evaluation, StepOutput, evaluate, predict, train_step};
+
+/// The names most programs use.
+pub mod prelude {
+    pub use crate::{TrainState, evaluate, load_checkpoint, predict, save_checkpoint, train_step};
+    pub use kron_autodiff::{LossKind, ParamStore, Rng, Tape, Targets, Tensor, Var};
+    pub use kron_layers::{
+        Activation, AvgPool2d, Conv2d, Conv2dConfig, Dense, DenseConfig, Dropout, Flatten, Init,
+        MaxPool2d, Module, Sequential,
+    };
+    pub use kron_optim::{Adam, AdamConfig, Optimizer, Schedule, Sgd, SgdConfig};
+}

@@ -1,0 +1,57 @@
+//! Optimizer errors.
+
+use std::fmt;
+
+/// Why an optimizer step or a state restore was refused. A refused step changes nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OptimError {
+    /// A gradient holds a NaN or an infinity; parameters and state are unchanged.
+    NonFiniteGradient {
+        /// The parameter's name.
+        param: String,
+    },
+    /// A saved state tensor is missing.
+    MissingState {
+        /// The tensor's name.
+        name: String,
+    },
+    /// A saved state tensor has the wrong shape for this model.
+    StateShape {
+        /// The tensor's name.
+        name: String,
+        /// The shape this model needs.
+        expected: Vec<usize>,
+        /// The shape saved.
+        found: Vec<usize>,
+    },
+    /// The saved state is for another optimizer or is malformed.
+    BadState {
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl fmt::Display for OptimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptimError::NonFiniteGradient { param } => write!(
+                f,
+                "gradient of {param:?} holds NaN or infinity; step refused, nothing changed"
+            ),
+            OptimError::MissingState { name } => {
+                write!(f, "optimizer state tensor {name:?} is missing")
+            }
+            OptimError::StateShape {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "optimizer state tensor {name:?} has shape {found:?}, this model needs {expected:?}"
+            ),
+            OptimError::BadState { detail } => write!(f, "bad optimizer state: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for OptimError {}

@@ -1,0 +1,149 @@
+//! The object-safe `Optimizer` trait, what a step asks of the tape, what it reports, and the
+//! state it exports for checkpoints.
+
+use std::collections::BTreeMap;
+
+use kron_autodiff::{Gradients, LayerCapture, LayerId, ParamStore, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::OptimError;
+
+/// The captured statistics handed to [`Optimizer::step`], by layer.
+pub type Captures = BTreeMap<LayerId, LayerCapture>;
+
+/// Which gradients feed the curvature statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FisherKind {
+    /// The true Fisher: a second backward pass from a loss on labels sampled from the model's
+    /// predictive distribution (one sample per example).
+    Sampled,
+    /// The empirical Fisher: the captures of the ordinary loss's backward pass.
+    Empirical,
+}
+
+/// What the training step must record for the optimizer's next step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wants {
+    /// Layers whose `(a, g)` to capture.
+    pub capture: Vec<LayerId>,
+    /// Which pass's captures to hand over (`None` when nothing is captured).
+    pub fisher: Option<FisherKind>,
+    /// Whether to evaluate the loss again after the step, on the same batch, and report the
+    /// actual reduction through [`Optimizer::observe_reduction`].
+    pub reduction: bool,
+}
+
+/// What happened in one step, for progress lines and logs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The step just taken (counting from 0).
+    pub step: u64,
+    /// The learning rate used.
+    pub lr: f32,
+    /// The damping in force, for second-order methods.
+    pub damping: Option<f32>,
+    /// Whether the curvature statistics were updated this step.
+    pub stats_updated: bool,
+    /// Whether the inverses (or eigenbases, or roots) were refreshed this step.
+    pub refreshed: bool,
+    /// Notes on blocks whose statistics were skipped or whose refresh failed, by layer path.
+    pub notes: Vec<String>,
+    /// Milliseconds spent updating statistics.
+    pub stats_ms: f64,
+    /// Milliseconds spent refreshing inverses.
+    pub refresh_ms: f64,
+    /// Milliseconds spent preconditioning and updating parameters.
+    pub update_ms: f64,
+}
+
+/// An optimizer's state as named tensors (moments, factors, inverses) and a JSON value (config,
+/// counters, damping), which a checkpoint stores.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OptimState {
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Everything else.
+    pub meta: serde_json::Value,
+}
+
+impl OptimState {
+    /// Takes a tensor out, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, OptimError> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| OptimError::MissingState {
+                name: name.to_string(),
+            })?;
+        if t.shape() != shape {
+            return Err(OptimError::StateShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape().to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// Deserializes `meta`, naming the optimizer on error.
+    pub fn meta_as<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<T, OptimError> {
+        serde_json::from_value(self.meta.clone()).map_err(|e| OptimError::BadState {
+            detail: format!("{what}: {e}"),
+        })
+    }
+}
+
+/// A training algorithm that turns gradients (and, for second-order methods, captured curvature
+/// statistics) into parameter updates.
+///
+/// Object-safe: programs choose one at run time as `Box<dyn Optimizer>`. The training step (see
+/// `kron::train_step`) asks [`Optimizer::wants`] what to record, runs forward and backward, and
+/// calls [`Optimizer::step`].
+pub trait Optimizer: Send {
+    /// A short name (`"sgd"`, `"adam"`, `"kfac"`).
+    fn name(&self) -> &str;
+
+    /// The number of steps taken so far.
+    fn steps_taken(&self) -> u64;
+
+    /// What the next step needs recorded. First-order methods want nothing.
+    fn wants(&self) -> Wants {
+        Wants::default()
+    }
+
+    /// Updates `params` from `grads` (and `curvature`, the captures of the pass [`Wants`]
+    /// named). A gradient holding NaN or infinity is an `Err` and changes nothing.
+    fn step(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+    ) -> Result<StepReport, OptimError>;
+
+    /// Receives the loss before and after the last step on the same batch, when
+    /// [`Wants::reduction`] asked for it (Levenberg-Marquardt damping adaptation).
+    fn observe_reduction(&mut self, _before: f32, _after: f32) {}
+
+    /// The base learning rate.
+    fn learning_rate(&self) -> f32;
+
+    /// Sets the base learning rate.
+    fn set_learning_rate(&mut self, lr: f32);
+
+    /// The state to checkpoint.
+    fn state(&self) -> OptimState;
+
+    /// Restores a state from [`Optimizer::state`], all or nothing: on error the optimizer is
+    /// unchanged.
+    fn load_state(&mut self, state: OptimState) -> Result<(), OptimError>;
+}
+
+/// Refuses a step whose gradients hold NaN or infinity, naming the parameter.
+pub fn check_finite(params: &ParamStore, grads: &Gradients) -> Result<(), OptimError> {
+    match grads.first_non_finite() {
+        Some(id) => Err(OptimError::NonFiniteGradient {
+            param: params.name(id).to_string(),
+        }),
+        None => Ok(()),
+    }
+}

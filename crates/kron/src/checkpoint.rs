@@ -1,0 +1,167 @@
+//! Checkpoints: model, optimizer, generator and data position in one safetensors file.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use kron_autodiff::io::{TensorFileError, load_params_from, read_tensors, write_tensors};
+use kron_autodiff::{ParamStore, Rng, Tensor};
+use kron_optim::{OptimError, OptimState, Optimizer};
+use serde::{Deserialize, Serialize};
+
+/// The version of the checkpoint layout this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The training loop's own state: what, beside model and optimizer, a run needs to resume with
+/// the same bits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps taken.
+    pub step: u64,
+    /// The training loop's generator.
+    pub rng: Rng,
+    /// The batch iterator's position (any serializable value; `null` if none).
+    pub data: serde_json::Value,
+}
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug)]
+pub enum CheckpointError {
+    /// The file itself: I/O, format, a missing or misshapen tensor.
+    File(TensorFileError),
+    /// The optimizer state does not fit the optimizer.
+    Optim {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit.
+        source: OptimError,
+    },
+    /// The file's metadata is missing, malformed, or of another format version.
+    Meta {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckpointError::File(e) => write!(f, "checkpoint {e}"),
+            CheckpointError::Optim { path, source } => {
+                write!(f, "checkpoint {}: {source}", path.display())
+            }
+            CheckpointError::Meta { path, detail } => {
+                write!(f, "checkpoint {}: {detail}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for CheckpointError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CheckpointError::File(e) => Some(e),
+            CheckpointError::Optim { source, .. } => Some(source),
+            CheckpointError::Meta { .. } => None,
+        }
+    }
+}
+
+impl From<TensorFileError> for CheckpointError {
+    fn from(e: TensorFileError) -> Self {
+        CheckpointError::File(e)
+    }
+}
+
+const MODEL: &str = "model/";
+const OPTIM: &str = "optim/";
+
+/// Writes model parameters (under `model/`), optimizer tensors (under `optim/`) and, as JSON in
+/// the header's metadata, the optimizer's other state, the training state and the format
+/// version, to one safetensors file, atomically.
+pub fn save_checkpoint(
+    path: &Path,
+    params: &ParamStore,
+    opt: &dyn Optimizer,
+    train: &TrainState,
+) -> Result<(), CheckpointError> {
+    let ostate = opt.state();
+    let mut tensors: Vec<(String, &Tensor)> = params
+        .iter()
+        .map(|(_, n, t)| (format!("{MODEL}{n}"), t))
+        .collect();
+    tensors.extend(
+        ostate
+            .tensors
+            .iter()
+            .map(|(n, t)| (format!("{OPTIM}{n}"), t)),
+    );
+    let meta_err = |e: serde_json::Error| CheckpointError::Meta {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let mut meta = HashMap::new();
+    meta.insert("kron.format_version".into(), FORMAT_VERSION.to_string());
+    meta.insert("kron.optimizer".into(), opt.name().to_string());
+    meta.insert(
+        "kron.optim_state".into(),
+        serde_json::to_string(&ostate.meta).map_err(meta_err)?,
+    );
+    meta.insert(
+        "kron.train".into(),
+        serde_json::to_string(train).map_err(meta_err)?,
+    );
+    write_tensors(path, &tensors, meta)?;
+    Ok(())
+}
+
+/// Restores model parameters and optimizer state from a checkpoint and returns the training
+/// state. All or nothing: names and shapes are checked against the model and the optimizer
+/// before anything changes, and a mismatch is an error naming the tensor.
+pub fn load_checkpoint(
+    path: &Path,
+    params: &mut ParamStore,
+    opt: &mut dyn Optimizer,
+) -> Result<TrainState, CheckpointError> {
+    let file = read_tensors(path)?;
+    let meta = |detail: String| CheckpointError::Meta {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let version = file.meta("kron.format_version")?;
+    if version != FORMAT_VERSION.to_string() {
+        return Err(meta(format!(
+            "format version {version}, this build reads {FORMAT_VERSION}"
+        )));
+    }
+    let saved_opt = file.meta("kron.optimizer")?;
+    if saved_opt != opt.name() {
+        return Err(meta(format!(
+            "saved by optimizer {saved_opt:?}, loading into {:?}",
+            opt.name()
+        )));
+    }
+    let train: TrainState = serde_json::from_str(file.meta("kron.train")?)
+        .map_err(|e| meta(format!("kron.train: {e}")))?;
+    let ometa: serde_json::Value = serde_json::from_str(file.meta("kron.optim_state")?)
+        .map_err(|e| meta(format!("kron.optim_state: {e}")))?;
+    let mut staged = params.clone();
+    load_params_from(&mut staged, &file, MODEL)?;
+    let ostate = OptimState {
+        tensors: file
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix(OPTIM).map(|k| (k.to_string(), t.clone())))
+            .collect(),
+        meta: ometa,
+    };
+    opt.load_state(ostate)
+        .map_err(|source| CheckpointError::Optim {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    *params = staged;
+    Ok(train)
+}

@@ -1,0 +1,129 @@
+//! The training step of DESIGN's contract, and evaluation helpers.
+
+use kron_autodiff::{LossKind, ParamStore, Rng, Tape, Targets, Tensor};
+use kron_layers::Module;
+use kron_optim::{Captures, FisherKind, OptimError, Optimizer, StepReport};
+
+/// What one training step returns.
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    /// The mini-batch loss before the step.
+    pub loss: f32,
+    /// The optimizer's report.
+    pub report: StepReport,
+}
+
+/// One training step on a mini-batch.
+///
+/// 1. `opt.wants()` says which layers to capture and which Fisher to estimate;
+/// 2. forward on a fresh tape in training mode (dropout masks from a stream derived from `rng`),
+///    the loss, and backward;
+/// 3. for the true Fisher, a loss on labels sampled from the model's own predictive
+///    distribution (a second stream derived from `rng`) and a second backward on the same tape;
+/// 4. `opt.step(params, grads, captures)`;
+/// 5. when the optimizer adapts its damping, the loss again on the same batch with the same
+///    dropout masks, handed back through `opt.observe_reduction`.
+///
+/// `rng` advances by exactly one draw per step, so a run is fixed by its seed and resumes from a
+/// checkpointed generator with the same bits. A gradient with NaN or infinity is an `Err` and
+/// changes nothing.
+pub fn train_step(
+    model: &dyn Module,
+    loss: LossKind,
+    params: &mut ParamStore,
+    opt: &mut dyn Optimizer,
+    inputs: &Tensor,
+    targets: &Targets,
+    rng: &mut Rng,
+) -> Result<StepOutput, OptimError> {
+    let wants = opt.wants();
+    let step_rng = Rng::new(rng.next_u64());
+    let dropout_rng = step_rng.fork(0);
+    let mut sample_rng = step_rng.fork(1);
+    let (loss_value, grads, captures) = {
+        let tape = Tape::new(params)
+            .with_rng(dropout_rng.clone())
+            .capturing(wants.capture.iter().copied());
+        let out = model.forward(tape.input(inputs.clone()));
+        let l = loss.apply(out, targets);
+        let mut grads = tape.backward(l);
+        let captures: Captures = match wants.fisher {
+            Some(FisherKind::Sampled) => {
+                let sampled = loss.sample(&out.value(), &mut sample_rng);
+                let ls = loss.apply(out, &sampled);
+                tape.backward(ls).take_captures()
+            }
+            Some(FisherKind::Empirical) => grads.take_captures(),
+            None => Captures::new(),
+        };
+        (l.value().item(), grads, captures)
+    };
+    let report = opt.step(params, &grads, &captures)?;
+    if wants.reduction {
+        let tape = Tape::new(params).with_rng(dropout_rng);
+        let out = model.forward(tape.input(inputs.clone()));
+        let after = loss.apply(out, targets).value().item();
+        opt.observe_reduction(loss_value, after);
+    }
+    Ok(StepOutput {
+        loss: loss_value,
+        report,
+    })
+}
+
+/// The model's outputs on `inputs` in eval mode (no dropout, nothing captured), computed in
+/// batches of `batch` rows to bound memory.
+pub fn predict(model: &dyn Module, params: &ParamStore, inputs: &Tensor, batch: usize) -> Tensor {
+    let n = inputs.dim(0);
+    let row: usize = inputs.shape()[1..].iter().product();
+    let mut out = Vec::new();
+    let mut out_shape = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let end = (start + batch.max(1)).min(n);
+        let mut shape = inputs.shape().to_vec();
+        shape[0] = end - start;
+        let x = Tensor::from_vec(inputs.data()[start * row..end * row].to_vec(), &shape);
+        let tape = Tape::new(params).training(false);
+        let y = model.forward(tape.input(x)).value();
+        out_shape = y.shape().to_vec();
+        out.extend_from_slice(y.data());
+        start = end;
+    }
+    out_shape[0] = n;
+    if n == 0 {
+        return Tensor::zeros(&[0]);
+    }
+    Tensor::from_vec(out, &out_shape)
+}
+
+/// Mean loss and, for classifiers, accuracy of the model on a whole dataset.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Mean loss over the examples.
+    pub loss: f32,
+    /// Fraction classified correctly (cross-entropy models only).
+    pub accuracy: Option<f32>,
+}
+
+/// Evaluates the model on `inputs` against `targets` in eval mode, in batches of `batch`.
+pub fn evaluate(
+    model: &dyn Module,
+    params: &ParamStore,
+    loss: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+    batch: usize,
+) -> Evaluation {
+    let out = predict(model, params, inputs, batch);
+    let l = loss.value(&out, targets);
+    let accuracy = match targets {
+        Targets::Classes(y) if loss == LossKind::CrossEntropy => {
+            let pred = out.argmax_rows();
+            let correct = pred.iter().zip(y).filter(|(p, t)| p == t).count();
+            Some(correct as f32 / y.len().max(1) as f32)
+        }
+        _ => None,
+    };
+    Evaluation { loss: l, accuracy }
+}

@@ -1,0 +1,184 @@
+//! The training step and checkpoints: resume to the bit, refusals that change nothing.
+
+use kron::prelude::*;
+use kron::{CheckpointError, TrainState};
+
+fn model(store: &mut ParamStore, seed: u64) -> Sequential {
+    let mut rng = Rng::new(seed);
+    Sequential::new()
+        .push(Dense::new(store, "fc1", 6, 16, &mut rng))
+        .push(Activation::Tanh)
+        .push(Dropout::new(0.2))
+        .push(Dense::new(store, "fc2", 16, 3, &mut rng))
+}
+
+fn data() -> (Tensor, Vec<usize>) {
+    let mut rng = Rng::new(99);
+    let x = Tensor::randn(&[40, 6], 0.0, 1.0, &mut rng);
+    let y = (0..40).map(|i| i % 3).collect();
+    (x, y)
+}
+
+/// The batch of step `s` (a fixed cyclic order, standing in for a data iterator).
+fn batch(x: &Tensor, y: &[usize], s: u64) -> (Tensor, Targets) {
+    let start = (s as usize * 8) % 40;
+    let xb = Tensor::from_vec(x.data()[start * 6..(start + 8) * 6].to_vec(), &[8, 6]);
+    (xb, Targets::Classes(y[start..start + 8].to_vec()))
+}
+
+fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
+    match kind {
+        "sgd" => Box::new(Sgd::new(store, SgdConfig::new(0.1).with_momentum(0.9))),
+        _ => Box::new(Adam::new(store, AdamConfig::new(0.01))),
+    }
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kron-facade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
+    let (x, y) = data();
+    for kind in ["sgd", "adam"] {
+        // Uninterrupted: 6 steps.
+        let mut p1 = ParamStore::new();
+        let m1 = model(&mut p1, 1);
+        let mut o1 = make_opt(kind, &p1);
+        let mut r1 = Rng::new(5);
+        let mut losses1 = vec![];
+        for s in 0..6 {
+            let (xb, yb) = batch(&x, &y, s);
+            let out = train_step(
+                &m1,
+                LossKind::CrossEntropy,
+                &mut p1,
+                o1.as_mut(),
+                &xb,
+                &yb,
+                &mut r1,
+            )
+            .unwrap();
+            losses1.push(out.loss);
+        }
+        // Interrupted after 3 steps, saved, restored into fresh objects, 3 more.
+        let mut p2 = ParamStore::new();
+        let m2 = model(&mut p2, 1);
+        let mut o2 = make_opt(kind, &p2);
+        let mut r2 = Rng::new(5);
+        for s in 0..3 {
+            let (xb, yb) = batch(&x, &y, s);
+            train_step(
+                &m2,
+                LossKind::CrossEntropy,
+                &mut p2,
+                o2.as_mut(),
+                &xb,
+                &yb,
+                &mut r2,
+            )
+            .unwrap();
+        }
+        let path = temp(&format!("{kind}.safetensors"));
+        let st = TrainState {
+            step: 3,
+            rng: r2.clone(),
+            data: serde_json::json!({"cursor": 24}),
+        };
+        save_checkpoint(&path, &p2, o2.as_ref(), &st).unwrap();
+
+        let mut p3 = ParamStore::new();
+        let m3 = model(&mut p3, 77); // different init: everything must come from the file
+        let mut o3 = make_opt(kind, &p3);
+        let st3 = load_checkpoint(&path, &mut p3, o3.as_mut()).unwrap();
+        assert_eq!(st3, st);
+        let mut r3 = st3.rng;
+        let mut losses3 = vec![];
+        for s in 3..6 {
+            let (xb, yb) = batch(&x, &y, s);
+            let out = train_step(
+                &m3,
+                LossKind::CrossEntropy,
+                &mut p3,
+                o3.as_mut(),
+                &xb,
+                &yb,
+                &mut r3,
+            )
+            .unwrap();
+            losses3.push(out.loss);
+        }
+        assert_eq!(p3, p1, "{kind}: parameters differ after resume");
+        assert_eq!(o3.state(), o1.state(), "{kind}: optimizer state differs");
+        assert_eq!(&losses1[3..], &losses3[..], "{kind}: losses differ");
+    }
+}
+
+#[test]
+fn mismatched_or_damaged_checkpoints_are_refused_and_change_nothing() {
+    let mut p = ParamStore::new();
+    let _m = model(&mut p, 1);
+    let o = make_opt("adam", &p);
+    let path = temp("good.safetensors");
+    let st = TrainState {
+        step: 0,
+        rng: Rng::new(1),
+        data: serde_json::Value::Null,
+    };
+    save_checkpoint(&path, &p, o.as_ref(), &st).unwrap();
+
+    // Another architecture: the error names the tensor; nothing changes.
+    let mut q = ParamStore::new();
+    let mut rng = Rng::new(3);
+    let _ = Dense::new(&mut q, "fc1", 6, 17, &mut rng);
+    let _ = Dense::new(&mut q, "fc2", 17, 3, &mut rng);
+    let mut oq = make_opt("adam", &q);
+    let (q0, s0) = (q.clone(), oq.state());
+    let err = load_checkpoint(&path, &mut q, oq.as_mut()).unwrap_err();
+    assert!(err.to_string().contains("model/fc1.weight"), "{err}");
+    assert_eq!(q, q0);
+    assert_eq!(oq.state(), s0);
+
+    // Another optimizer.
+    let mut os = make_opt("sgd", &p);
+    let err = load_checkpoint(&path, &mut p.clone(), os.as_mut()).unwrap_err();
+    assert!(matches!(err, CheckpointError::Meta { .. }), "{err}");
+
+    // Damaged bytes.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    let bad = temp("damaged.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    let mut p4 = p.clone();
+    let mut o4 = make_opt("adam", &p4);
+    let err = load_checkpoint(&bad, &mut p4, o4.as_mut()).unwrap_err();
+    assert!(matches!(err, CheckpointError::File(_)), "{err}");
+    assert!(err.to_string().contains("damaged.safetensors"), "{err}");
+    assert_eq!(p4, p);
+}
+
+#[test]
+fn a_nan_step_changes_nothing() {
+    let mut p = ParamStore::new();
+    let m = model(&mut p, 1);
+    let mut o = make_opt("sgd", &p);
+    let (x, y) = data();
+    let (mut xb, yb) = batch(&x, &y, 0);
+    xb.data_mut()[0] = f32::NAN;
+    let (p0, s0) = (p.clone(), o.state());
+    let mut rng = Rng::new(0);
+    let err = train_step(
+        &m,
+        LossKind::CrossEntropy,
+        &mut p,
+        o.as_mut(),
+        &xb,
+        &yb,
+        &mut rng,
+    );
+    assert!(err.is_err());
+    assert_eq!(p, p0);
+    assert_eq!(o.state(), s0);
+}
