@@ -344,6 +344,20 @@ impl Adam {
         }
     }
 
+    /// A fresh Adam (zero moments, step 0) over the same parameters as `other`.
+    pub(crate) fn new_like(other: &Adam) -> Self {
+        let zero = |s: &Slots| Slots {
+            bufs: s.bufs.iter().map(|b| Tensor::zeros(b.shape())).collect(),
+            ..s.clone()
+        };
+        Adam {
+            config: other.config,
+            m: zero(&other.m),
+            v: zero(&other.v),
+            step: 0,
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &AdamConfig {
         &self.config

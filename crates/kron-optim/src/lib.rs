@@ -8,12 +8,16 @@
 //! run resumes from a checkpoint with the same bits, and refuses a step whose gradients hold
 //! NaN or infinity without changing anything.
 
+pub mod backend;
 mod error;
 mod first_order;
+mod kfac;
 mod optimizer;
 mod schedule;
 
 pub use error::OptimError;
+pub use backend::{Backend, CpuBackend, Precision};
+pub use kfac::{EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt};
 pub use first_order::{Adam, AdamConfig, Sgd, SgdConfig, sgd_update};
 pub use optimizer::{Captures, FisherKind, OptimState, Optimizer, StepReport, Wants, check_finite};
 pub use schedule::{Decay, Schedule};

@@ -27,8 +27,30 @@ fn batch(x: &Tensor, y: &[usize], s: u64) -> (Tensor, Targets) {
 }
 
 fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
+    use kron::optim::{EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt};
+    let mut dummy = ParamStore::new();
+    let blocks = model(&mut dummy, 0).fisher_blocks();
     match kind {
         "sgd" => Box::new(Sgd::new(store, SgdConfig::new(0.1).with_momentum(0.9))),
+        "kfac" => Box::new(Kfac::with_backend(
+            blocks,
+            store,
+            KfacConfig::default().with_inverse_period(2),
+            Box::new(kron::optim::CpuBackend::default()),
+        )),
+        "kfac-eigen-lm" => Box::new(Kfac::with_backend(
+            blocks,
+            store,
+            KfacConfig::default()
+                .with_inverse_period(2)
+                .with_method(InverseMethod::Eigen(EigenDamping::Tikhonov))
+                .with_adaptive_damping(Some(LevenbergMarquardt {
+                    interval: 2,
+                    ..Default::default()
+                }))
+                .with_fallback(Fallback::Adam(AdamConfig::default())),
+            Box::new(kron::optim::CpuBackend::default()),
+        )),
         _ => Box::new(Adam::new(store, AdamConfig::new(0.01))),
     }
 }
@@ -42,7 +64,7 @@ fn temp(name: &str) -> std::path::PathBuf {
 #[test]
 fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
     let (x, y) = data();
-    for kind in ["sgd", "adam"] {
+    for kind in ["sgd", "adam", "kfac", "kfac-eigen-lm"] {
         // Uninterrupted: 6 steps.
         let mut p1 = ParamStore::new();
         let m1 = model(&mut p1, 1);

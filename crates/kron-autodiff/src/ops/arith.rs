@@ -34,6 +34,8 @@ fn binary<'t>(
     a.tape.record(op, value, &[a.id, b.id])
 }
 
+// The arithmetic methods have the std::ops names on purpose; the operator traits below call them.
+#[allow(clippy::should_implement_trait)]
 impl<'t> Var<'t> {
     /// Elementwise `self + other` with NumPy broadcasting.
     #[track_caller]

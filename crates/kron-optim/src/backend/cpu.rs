@@ -1,0 +1,371 @@
+//! The CPU backend: GEMM through matrixmultiply, factorizations through faer, statistics in
+//! `f32` or `f64`.
+
+use kron_autodiff::Tensor;
+
+use super::{Backend, Eigh, Inverse, LinalgError, Mat, Precision, Store, linalg};
+
+/// Matrix primitives on the host. GEMMs run on matrixmultiply's threads, factorizations are
+/// sequential inside (callers parallelize across independent blocks), so every result has the
+/// same bits for any thread count.
+///
+/// Factorizations always run in `f64`; [`Precision`] says in which type statistics, inverses
+/// and intermediate products are kept.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend {
+    precision: Precision,
+}
+
+impl CpuBackend {
+    /// A backend keeping its matrices in `precision`.
+    pub fn new(precision: Precision) -> Self {
+        CpuBackend { precision }
+    }
+}
+
+/// Strided GEMM `c = alpha op(a) op(b) + beta c` into a block of a larger row-major matrix of
+/// row stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    ta: bool,
+    b: &[f32],
+    tb: bool,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the assert bounds every index the strides reach (a: m x k, b: k x n, c: m rows of
+    // stride ldc and n columns).
+    unsafe {
+        matrixmultiply::sgemm(
+            m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(),
+            ldc as isize, 1,
+        );
+    }
+}
+
+/// The `f64` twin of [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f64(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f64,
+    a: &[f64],
+    ta: bool,
+    b: &[f64],
+    tb: bool,
+    beta: f64,
+    c: &mut [f64],
+    ldc: usize,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && (m == 0 || c.len() >= (m - 1) * ldc + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: as in gemm_f32.
+    unsafe {
+        matrixmultiply::dgemm(
+            m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(),
+            ldc as isize, 1,
+        );
+    }
+}
+
+fn as_f64(m: &Mat) -> Vec<f64> {
+    match &m.store {
+        Store::F32(t) => t.data().iter().map(|&x| x as f64).collect(),
+        Store::F64(v) => v.clone(),
+    }
+}
+
+/// Applies `f` to the elements of a host matrix in its own precision.
+macro_rules! each_mut {
+    ($m:expr, |$x:ident| $body:expr) => {
+        match &mut $m.store {
+            Store::F32(t) => t.data_mut().iter_mut().for_each(|$x| {
+                let v = *$x as f64;
+                let r: f64 = {
+                    let $x = v;
+                    $body
+                };
+                *$x = r as f32;
+            }),
+            Store::F64(d) => d.iter_mut().for_each(|$x| {
+                let v = *$x;
+                let r: f64 = {
+                    let $x = v;
+                    $body
+                };
+                *$x = r;
+            }),
+        }
+    };
+}
+
+impl CpuBackend {
+    fn make(&self, rows: usize, cols: usize, data: Vec<f64>) -> Mat {
+        let store = match self.precision {
+            Precision::F32 => Store::F32(Tensor::from_vec(
+                data.into_iter().map(|x| x as f32).collect(),
+                &[rows, cols],
+            )),
+            Precision::F64 => Store::F64(data),
+        };
+        Mat { rows, cols, store }
+    }
+
+    fn column_sums(x: &Mat) -> Vec<f64> {
+        let (r, c) = x.dims();
+        let mut s = vec![0.0f64; c];
+        match &x.store {
+            Store::F32(t) => {
+                // Accumulate each row block in f32 like the GEMM does, in a fixed order.
+                let mut acc = vec![0.0f32; c];
+                for row in t.data()[..r * c].chunks(c.max(1)) {
+                    for (a, v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+                for (o, a) in s.iter_mut().zip(acc) {
+                    *o = a as f64;
+                }
+            }
+            Store::F64(d) => {
+                for row in d[..r * c].chunks(c.max(1)) {
+                    for (o, v) in s.iter_mut().zip(row) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+        s
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        match self.precision {
+            Precision::F32 => "cpu (f32)".into(),
+            Precision::F64 => "cpu (f64)".into(),
+        }
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn upload_rows(&self, t: &Tensor, rows: Option<usize>) -> Mat {
+        let (r, c) = t.dims2();
+        let rows = rows.map_or(r, |k| k.min(r));
+        let store = match self.precision {
+            Precision::F32 if rows == r => Store::F32(t.clone()),
+            Precision::F32 => Store::F32(Tensor::from_vec(t.data()[..rows * c].to_vec(), &[rows, c])),
+            Precision::F64 => Store::F64(t.data()[..rows * c].iter().map(|&x| x as f64).collect()),
+        };
+        Mat { rows, cols: c, store }
+    }
+
+    fn download(&self, m: &Mat) -> Tensor {
+        match &m.store {
+            Store::F32(t) => t.clone(),
+            Store::F64(d) => Tensor::from_vec(d.iter().map(|&x| x as f32).collect(), &[m.rows, m.cols]),
+        }
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Mat {
+        let store = match self.precision {
+            Precision::F32 => Store::F32(Tensor::zeros(&[rows, cols])),
+            Precision::F64 => Store::F64(vec![0.0; rows * cols]),
+        };
+        Mat { rows, cols, store }
+    }
+
+    fn gemm(&self, alpha: f32, a: &Mat, ta: bool, b: &Mat, tb: bool) -> Mat {
+        let (m, k) = if ta { (a.cols, a.rows) } else { (a.rows, a.cols) };
+        let (k2, n) = if tb { (b.cols, b.rows) } else { (b.rows, b.cols) };
+        assert_eq!(k, k2, "Backend::gemm: inner dimensions differ: {a:?} x {b:?} (ta {ta}, tb {tb})");
+        match (&a.store, &b.store) {
+            (Store::F32(x), Store::F32(y)) => {
+                let mut c = vec![0.0f32; m * n];
+                gemm_f32(m, k, n, alpha, x.data(), ta, y.data(), tb, 0.0, &mut c, n);
+                Mat { rows: m, cols: n, store: Store::F32(Tensor::from_vec(c, &[m, n])) }
+            }
+            _ => {
+                let (x, y) = (as_f64(a), as_f64(b));
+                let mut c = vec![0.0f64; m * n];
+                gemm_f64(m, k, n, alpha as f64, &x, ta, &y, tb, 0.0, &mut c, n);
+                self.make(m, n, c)
+            }
+        }
+    }
+
+    fn factor_ema(&self, acc: &mut Mat, x: &Mat, homogeneous: bool, scale: f32, decay: f32) {
+        let (rows, d) = x.dims();
+        let n = d + usize::from(homogeneous);
+        assert_eq!(
+            acc.dims(),
+            (n, n),
+            "Backend::factor_ema: accumulator {acc:?} does not fit x {x:?} (homogeneous {homogeneous})"
+        );
+        let sums = homogeneous.then(|| Self::column_sums(x));
+        match (&mut acc.store, &x.store) {
+            (Store::F32(a), Store::F32(xs)) => {
+                let ad = a.data_mut();
+                gemm_f32(d, rows, d, scale, xs.data(), true, xs.data(), false, decay, ad, n);
+                if let Some(s) = sums {
+                    for i in 0..d {
+                        let v = scale * s[i] as f32;
+                        ad[i * n + d] = decay * ad[i * n + d] + v;
+                        ad[d * n + i] = decay * ad[d * n + i] + v;
+                    }
+                    ad[d * n + d] = decay * ad[d * n + d] + scale * rows as f32;
+                }
+            }
+            (Store::F64(a), _) => {
+                let xs = as_f64(x);
+                gemm_f64(d, rows, d, scale as f64, &xs, true, &xs, false, decay as f64, a, n);
+                if let Some(s) = sums {
+                    let (sc, de) = (scale as f64, decay as f64);
+                    for i in 0..d {
+                        a[i * n + d] = de * a[i * n + d] + sc * s[i];
+                        a[d * n + i] = de * a[d * n + i] + sc * s[i];
+                    }
+                    a[d * n + d] = de * a[d * n + d] + sc * rows as f64;
+                }
+            }
+            (Store::F32(_), Store::F64(_)) => {
+                panic!("Backend::factor_ema: f32 accumulator with an f64 input")
+            }
+        }
+    }
+
+    fn add_diag(&self, m: &mut Mat, v: f32) {
+        let n = m.rows.min(m.cols);
+        let c = m.cols;
+        match &mut m.store {
+            Store::F32(t) => {
+                let d = t.data_mut();
+                for i in 0..n {
+                    d[i * c + i] += v;
+                }
+            }
+            Store::F64(d) => {
+                for i in 0..n {
+                    d[i * c + i] += v as f64;
+                }
+            }
+        }
+    }
+
+    fn scale(&self, m: &mut Mat, s: f32) {
+        let s = s as f64;
+        each_mut!(m, |x| x * s);
+    }
+
+    fn axpby(&self, alpha: f32, x: &Mat, beta: f32, y: &mut Mat) {
+        assert_eq!(x.dims(), y.dims(), "Backend::axpby: {x:?} vs {y:?}");
+        let xs = as_f64(x);
+        let (a, b) = (alpha as f64, beta as f64);
+        match &mut y.store {
+            Store::F32(t) => {
+                for (yv, xv) in t.data_mut().iter_mut().zip(&xs) {
+                    *yv = (a * xv + b * *yv as f64) as f32;
+                }
+            }
+            Store::F64(d) => {
+                for (yv, xv) in d.iter_mut().zip(&xs) {
+                    *yv = a * xv + b * *yv;
+                }
+            }
+        }
+    }
+
+    fn div_outer(&self, m: &mut Mat, left: &[f64], right: &[f64], add: f64) {
+        let (r, c) = m.dims();
+        assert!(left.len() == r && right.len() == c, "Backend::div_outer: {m:?} vs {}x{}", left.len(), right.len());
+        match &mut m.store {
+            Store::F32(t) => {
+                for (i, row) in t.data_mut().chunks_mut(c.max(1)).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = (*v as f64 / (left[i] * right[j] + add)) as f32;
+                    }
+                }
+            }
+            Store::F64(d) => {
+                for (i, row) in d.chunks_mut(c.max(1)).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v /= left[i] * right[j] + add;
+                    }
+                }
+            }
+        }
+    }
+
+    fn trace(&self, m: &Mat) -> f64 {
+        let n = m.rows.min(m.cols);
+        match &m.store {
+            Store::F32(t) => (0..n).map(|i| t.data()[i * m.cols + i] as f64).sum(),
+            Store::F64(d) => (0..n).map(|i| d[i * m.cols + i]).sum(),
+        }
+    }
+
+    fn dot(&self, a: &Mat, b: &Mat) -> f64 {
+        assert_eq!(a.dims(), b.dims(), "Backend::dot: {a:?} vs {b:?}");
+        match (&a.store, &b.store) {
+            (Store::F32(x), Store::F32(y)) => {
+                x.data().iter().zip(y.data()).map(|(&p, &q)| p as f64 * q as f64).sum()
+            }
+            _ => as_f64(a).iter().zip(as_f64(b)).map(|(p, q)| p * q).sum(),
+        }
+    }
+
+    fn is_finite(&self, m: &Mat) -> bool {
+        match &m.store {
+            Store::F32(t) => t.all_finite(),
+            Store::F64(d) => d.iter().all(|x| x.is_finite()),
+        }
+    }
+
+    fn spd_inverse(&self, m: &Mat, damping: f32) -> Result<Inverse, LinalgError> {
+        assert_eq!(m.rows, m.cols, "Backend::spd_inverse: {m:?} is not square");
+        let (v, reg) = linalg::spd_inverse(&as_f64(m), m.rows, damping as f64)?;
+        let mat = self.make(m.rows, m.cols, v);
+        if !self.is_finite(&mat) {
+            return Err(LinalgError::NonFinite);
+        }
+        Ok(Inverse {
+            mat,
+            regularized_pivots: reg,
+            iterations: None,
+        })
+    }
+
+    fn eigh(&self, m: &Mat) -> Result<Eigh, LinalgError> {
+        assert_eq!(m.rows, m.cols, "Backend::eigh: {m:?} is not square");
+        let (q, e) = linalg::eigh(&as_f64(m), m.rows)?;
+        Ok(Eigh {
+            vectors: self.make(m.rows, m.cols, q),
+            values: e,
+        })
+    }
+
+    fn inv_root(&self, m: &Mat, p: u32, damping: f32) -> Result<Mat, LinalgError> {
+        assert_eq!(m.rows, m.cols, "Backend::inv_root: {m:?} is not square");
+        let r = linalg::inv_root(&as_f64(m), m.rows, p, damping as f64)?;
+        Ok(self.make(m.rows, m.cols, r))
+    }
+}

@@ -1,0 +1,198 @@
+//! The matrix primitives every optimizer is written over, behind an object-safe trait.
+//!
+//! A [`Backend`] keeps matrices where it computes ([`Mat`] is an opaque handle: host memory for
+//! the CPU, a storage buffer for a GPU); [`Backend::upload`] and [`Backend::download`] are the
+//! only copies between the host and the backend. The primitive list is the union of what
+//! KFAC/KFC, Shampoo, KrADagrad and two-level KFAC need: GEMM with transposes, factor
+//! accumulation into a running average, diagonal and elementwise updates, traces and inner
+//! products, and the symmetric factorizations (damped inverse, eigendecomposition, inverse
+//! `p`-th root).
+
+mod cpu;
+pub(crate) mod linalg;
+
+use std::fmt;
+
+use kron_autodiff::Tensor;
+use serde::{Deserialize, Serialize};
+
+pub use cpu::CpuBackend;
+
+/// The element type a backend keeps statistics and factorizations in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Precision {
+    /// Single precision (every backend).
+    #[default]
+    F32,
+    /// Double precision (the CPU backend).
+    F64,
+}
+
+/// A matrix resident on a backend. Only the backend that made it can read it.
+#[derive(Clone)]
+pub struct Mat {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) store: Store,
+}
+
+/// Where a matrix's elements live.
+#[derive(Clone)]
+pub(crate) enum Store {
+    /// Host memory, `f32`, row-major (a [`Tensor`], so uploads of captures are not copies).
+    F32(Tensor),
+    /// Host memory, `f64`, row-major.
+    F64(Vec<f64>),
+}
+
+impl Mat {
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+}
+
+impl fmt::Debug for Mat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.store {
+            Store::F32(_) => "f32",
+            Store::F64(_) => "f64",
+        };
+        write!(f, "Mat({}x{}, {kind})", self.rows, self.cols)
+    }
+}
+
+/// A factorization that did not succeed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LinalgError {
+    /// Cholesky met a pivot that could not be made positive.
+    NotPositiveDefinite {
+        /// The pivot's index.
+        pivot: usize,
+    },
+    /// The eigensolver did not converge.
+    NoConvergence,
+    /// An input or the result holds NaN or infinity.
+    NonFinite,
+    /// An iteration stopped without meeting its tolerance.
+    NotConverged {
+        /// Iterations run.
+        iterations: usize,
+        /// The residual reached.
+        residual: f64,
+    },
+}
+
+impl fmt::Display for LinalgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinalgError::NotPositiveDefinite { pivot } => {
+                write!(f, "not positive definite (pivot {pivot})")
+            }
+            LinalgError::NoConvergence => write!(f, "eigensolver did not converge"),
+            LinalgError::NonFinite => write!(f, "non-finite input or result"),
+            LinalgError::NotConverged {
+                iterations,
+                residual,
+            } => write!(
+                f,
+                "iteration stopped after {iterations} steps at residual {residual:.3e}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LinalgError {}
+
+/// A damped inverse and how it was obtained.
+#[derive(Clone, Debug)]
+pub struct Inverse {
+    /// `(M + damping I)^-1`.
+    pub mat: Mat,
+    /// Cholesky pivots that had to be regularized (0 when none).
+    pub regularized_pivots: usize,
+    /// Iterations, for iterative methods (Newton-Schulz on a GPU); `None` for direct ones.
+    pub iterations: Option<usize>,
+}
+
+/// A symmetric eigendecomposition `M = Q diag(values) Q^T`, eigenvalues ascending.
+#[derive(Clone, Debug)]
+pub struct Eigh {
+    /// The eigenvectors, as columns of `Q`.
+    pub vectors: Mat,
+    /// The eigenvalues, ascending.
+    pub values: Vec<f64>,
+}
+
+/// Matrix primitives for the optimizers' math. Object-safe: optimizers hold a
+/// `Box<dyn Backend>` chosen at run time.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// A name for reports (`"cpu (f64)"`, `"wgpu: llvmpipe (Vulkan)"`).
+    fn name(&self) -> String;
+
+    /// The element type of its matrices.
+    fn precision(&self) -> Precision;
+
+    /// Copies the first `rows` rows of a host matrix (all rows if `None`) to the backend.
+    fn upload_rows(&self, t: &Tensor, rows: Option<usize>) -> Mat;
+
+    /// Copies a host matrix to the backend.
+    fn upload(&self, t: &Tensor) -> Mat {
+        self.upload_rows(t, None)
+    }
+
+    /// Copies a matrix back to the host, as `f32`.
+    fn download(&self, m: &Mat) -> Tensor;
+
+    /// A matrix of zeros.
+    fn zeros(&self, rows: usize, cols: usize) -> Mat;
+
+    /// `alpha * op(a) * op(b)`, `op` transposing where the flag says.
+    fn gemm(&self, alpha: f32, a: &Mat, ta: bool, b: &Mat, tb: bool) -> Mat;
+
+    /// The running average of a Kronecker factor:
+    /// `acc <- decay * acc + scale * x_aug^T x_aug`, where `x_aug` is `x` with a column of ones
+    /// appended when `homogeneous` (never built: its row of the product is the column sums).
+    fn factor_ema(&self, acc: &mut Mat, x: &Mat, homogeneous: bool, scale: f32, decay: f32);
+
+    /// `m <- m + v I`.
+    fn add_diag(&self, m: &mut Mat, v: f32);
+
+    /// `m <- s m`.
+    fn scale(&self, m: &mut Mat, s: f32);
+
+    /// `y <- alpha x + beta y`.
+    fn axpby(&self, alpha: f32, x: &Mat, beta: f32, y: &mut Mat);
+
+    /// `m_ij <- m_ij / (left_i * right_j + add)` (the eigenbasis preconditioner's division).
+    fn div_outer(&self, m: &mut Mat, left: &[f64], right: &[f64], add: f64);
+
+    /// The trace.
+    fn trace(&self, m: &Mat) -> f64;
+
+    /// The Frobenius inner product `sum_ij a_ij b_ij` (its square root on `(a, a)` is the
+    /// Frobenius norm).
+    fn dot(&self, a: &Mat, b: &Mat) -> f64;
+
+    /// Whether every element is finite.
+    fn is_finite(&self, m: &Mat) -> bool;
+
+    /// `(m + damping I)^-1` for a symmetric positive semi-definite `m`.
+    fn spd_inverse(&self, m: &Mat, damping: f32) -> Result<Inverse, LinalgError>;
+
+    /// The symmetric eigendecomposition of `m`.
+    fn eigh(&self, m: &Mat) -> Result<Eigh, LinalgError>;
+
+    /// `(m + damping I)^(-1/p)` for a symmetric positive semi-definite `m`.
+    fn inv_root(&self, m: &Mat, p: u32, damping: f32) -> Result<Mat, LinalgError>;
+}

@@ -1,0 +1,555 @@
+//! KFAC (Martens & Grosse 2015) for dense layers and KFC (Grosse & Martens 2016) for conv
+//! layers, as one optimizer driven by the layers' Fisher blocks.
+
+mod block;
+mod config;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use kron_autodiff::{Gradients, ParamId, ParamStore, Tensor};
+use kron_layers::{FisherBlock, Module};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, CpuBackend};
+use crate::error::OptimError;
+use crate::first_order::{Adam, Slots, sgd_update};
+use crate::optimizer::{Captures, OptimState, Optimizer, StepReport, Wants, check_finite};
+
+use block::{BlockState, Precond};
+pub use config::{EigenDamping, Fallback, InverseMethod, KfacConfig, LevenbergMarquardt};
+
+/// The Kronecker-factored approximate natural gradient.
+///
+/// Each Fisher block `F_l ≈ A ⊗ G` (KFAC: `A = E[a_aug a_aug^T]`, `G = E[g g^T]`; KFC for
+/// convolutions: `Ω` summed over locations, `Γ` averaged over them) is kept as running averages
+/// of the tape's captures. Every `inverse_period` steps the damped factors are inverted (or
+/// eigendecomposed); every step the gradient of each block is preconditioned,
+/// `U = (G + γ_G I)^-1 V (A + γ_A I)^-1`, KL-clipped, and applied with momentum and weight decay.
+/// Parameters outside any block follow the [`Fallback`] rule.
+///
+/// The matrix math runs on a [`Backend`] (the CPU by default), written once over its
+/// primitives; refreshes run across blocks in parallel.
+pub struct Kfac {
+    config: KfacConfig,
+    backend: Box<dyn Backend>,
+    blocks: Vec<BlockState>,
+    /// Parameters of blocks, by block: `(weight, bias)`.
+    velocity: Slots,
+    slot_of: BTreeMap<ParamId, usize>,
+    outside: Vec<ParamId>,
+    adam: Option<Adam>,
+    step: u64,
+    damping: f32,
+    /// The quadratic model's predicted change `M(δ) - M(0)` of the last step, when the damping
+    /// adaptation asked for the actual reduction.
+    predicted: Option<f64>,
+    last_rho: Option<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KfacMeta {
+    kind: String,
+    config: KfacConfig,
+    step: u64,
+    damping: f32,
+    predicted: Option<f64>,
+    blocks: Vec<BlockMeta>,
+    adam: Option<serde_json::Value>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BlockMeta {
+    path: String,
+    updates: u64,
+    boost: f32,
+    precond: Option<String>,
+    ea: Option<Vec<f64>>,
+    eg: Option<Vec<f64>>,
+}
+
+impl Kfac {
+    /// KFAC over `model`'s Fisher blocks, on the CPU backend.
+    pub fn new(model: &dyn Module, params: &ParamStore, config: KfacConfig) -> Self {
+        let be = Box::new(CpuBackend::new(config.precision));
+        Self::with_backend(model.fisher_blocks(), params, config, be)
+    }
+
+    /// KFAC over the given blocks, with the matrix math on `backend`.
+    pub fn with_backend(
+        blocks: Vec<FisherBlock>,
+        params: &ParamStore,
+        config: KfacConfig,
+        backend: Box<dyn Backend>,
+    ) -> Self {
+        let ids: Vec<ParamId> = params.ids().collect();
+        let slot_of = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let in_blocks: Vec<ParamId> = blocks
+            .iter()
+            .flat_map(|b| std::iter::once(b.weight).chain(b.bias))
+            .collect();
+        let outside = ids.iter().copied().filter(|i| !in_blocks.contains(i)).collect();
+        let adam = match config.fallback {
+            Fallback::Adam(c) => Some(Adam::new(params, c)),
+            Fallback::Sgd => None,
+        };
+        Kfac {
+            damping: config.damping,
+            config,
+            backend,
+            blocks: blocks.into_iter().map(BlockState::new).collect(),
+            velocity: Slots::zeros(params, &ids),
+            slot_of,
+            outside,
+            adam,
+            step: 0,
+            predicted: None,
+            last_rho: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KfacConfig {
+        &self.config
+    }
+
+    /// The damping λ in force (it moves under Levenberg-Marquardt adaptation).
+    pub fn damping(&self) -> f32 {
+        self.damping
+    }
+
+    /// The reduction ratio ρ of the last adaptation, if any.
+    pub fn last_reduction_ratio(&self) -> Option<f32> {
+        self.last_rho
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    /// The current running averages `(A, G)` of a block, by layer path, as host tensors.
+    pub fn factors(&self, path: &str) -> Option<(Tensor, Tensor)> {
+        let b = self.blocks.iter().find(|b| b.info.path == path)?;
+        Some((
+            self.backend.download(b.a.as_ref()?),
+            self.backend.download(b.g.as_ref()?),
+        ))
+    }
+
+    /// The preconditioned gradient `U` (in the `W_aug` layout) that the current preconditioner
+    /// gives for a block's gradient `v`, or `None` before its first refresh. For tests and
+    /// analysis.
+    pub fn precondition(&self, path: &str, v: &Tensor) -> Option<Tensor> {
+        let b = self.blocks.iter().find(|b| b.info.path == path)?;
+        let vm = self.backend.upload(v);
+        let u = b.precondition(&self.config, self.backend.as_ref(), &vm, self.damping)?;
+        Some(self.backend.download(&u))
+    }
+
+    fn is_stats_step(&self, b: &FisherBlock) -> bool {
+        let period = if b.is_conv() {
+            self.config.conv_stats_period
+        } else {
+            self.config.stats_period
+        };
+        self.step % period.max(1) == 0
+    }
+
+    fn adapts_now(&self) -> bool {
+        self.config
+            .adaptive_damping
+            .is_some_and(|lm| self.step % lm.interval.max(1) == 0)
+    }
+}
+
+/// Everything a block's update needs, computed in parallel across blocks.
+struct BlockUpdate {
+    u: Option<Tensor>,
+    v: Tensor,
+}
+
+impl Optimizer for Kfac {
+    fn name(&self) -> &str {
+        "kfac"
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    fn wants(&self) -> Wants {
+        let capture: Vec<_> = self
+            .blocks
+            .iter()
+            .filter(|b| self.is_stats_step(&b.info))
+            .map(|b| b.info.layer)
+            .collect();
+        Wants {
+            fisher: (!capture.is_empty()).then_some(self.config.fisher),
+            capture,
+            reduction: self.adapts_now(),
+        }
+    }
+
+    fn step(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+    ) -> Result<StepReport, OptimError> {
+        check_finite(params, grads)?;
+        let cfg = self.config;
+        let be = self.backend.as_ref();
+        let lr = cfg.schedule.lr(self.step);
+        let mut report = StepReport {
+            step: self.step,
+            lr,
+            damping: Some(self.damping),
+            ..Default::default()
+        };
+
+        // 1. Statistics.
+        let t0 = Instant::now();
+        let stat_notes: Vec<Option<String>> = self
+            .blocks
+            .par_iter_mut()
+            .map(|b| {
+                let cap = curvature.get(&b.info.layer)?;
+                b.update_stats(cap, &cfg, be)
+                    .err()
+                    .map(|e| format!("{}: {e}", b.info.path))
+            })
+            .collect();
+        report.stats_updated = self.blocks.iter().any(|b| curvature.contains_key(&b.info.layer));
+        report.notes.extend(stat_notes.into_iter().flatten());
+        report.stats_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        // 2. Refresh.
+        let t1 = Instant::now();
+        if self.step % cfg.inverse_period.max(1) == 0 {
+            let damping = self.damping;
+            let notes: Vec<Option<String>> = self
+                .blocks
+                .par_iter_mut()
+                .map(|b| b.refresh(&cfg, be, damping))
+                .collect();
+            report.refreshed = true;
+            report.notes.extend(notes.into_iter().flatten());
+        }
+        report.refresh_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+        // 3. Precondition every block.
+        let t2 = Instant::now();
+        let damping = self.damping;
+        let updates: Vec<Option<BlockUpdate>> = self
+            .blocks
+            .par_iter()
+            .map(|b| {
+                let gw = grads.get(b.info.weight)?;
+                let gb = b.info.bias.and_then(|id| grads.get(id));
+                let zero;
+                let gb = match (b.info.bias, gb) {
+                    (Some(id), None) => {
+                        zero = Tensor::zeros(params_shape(params, id));
+                        Some(&zero)
+                    }
+                    (_, g) => g,
+                };
+                let v = b.info.join(gw, gb);
+                let u = b
+                    .precondition(&cfg, be, &be.upload(&v), damping)
+                    .map(|u| be.download(&u));
+                Some(BlockUpdate { u, v })
+            })
+            .collect();
+
+        // 4. KL clipping over the preconditioned blocks.
+        let nu = match cfg.kl_clip {
+            Some(kappa) => {
+                let vg: f64 = updates
+                    .iter()
+                    .flatten()
+                    .filter_map(|up| up.u.as_ref().map(|u| dot(u, &up.v)))
+                    .sum::<f64>()
+                    * (lr as f64).powi(2);
+                if vg.abs() > 0.0 {
+                    (kappa as f64 / vg.abs()).sqrt().min(1.0) as f32
+                } else {
+                    1.0
+                }
+            }
+            None => 1.0,
+        };
+
+        // 5. Apply: momentum and weight decay on the preconditioned update; fallback elsewhere.
+        let adapting = self.adapts_now();
+        let before: Option<ParamStore> = adapting.then(|| params.clone());
+        let mut fallback_ids: Vec<ParamId> = self.outside.clone();
+        for (b, up) in self.blocks.iter().zip(&updates) {
+            let Some(up) = up else { continue };
+            let Some(u) = &up.u else {
+                fallback_ids.push(b.info.weight);
+                fallback_ids.extend(b.info.bias);
+                continue;
+            };
+            let wshape = params.get(b.info.weight).shape().to_vec();
+            let (uw, ub) = b.info.split(u, &wshape);
+            for (id, u) in std::iter::once((b.info.weight, uw)).chain(b.info.bias.zip(ub)) {
+                let slot = self.slot_of[&id];
+                sgd_update(
+                    params.get_mut(id).data_mut(),
+                    &u.scale(nu).into_vec(),
+                    self.velocity.bufs[slot].data_mut(),
+                    lr,
+                    cfg.momentum,
+                    false,
+                    cfg.weight_decay,
+                );
+            }
+        }
+        match &mut self.adam {
+            Some(adam) => {
+                let mut g: Vec<Option<Tensor>> = vec![None; params.len()];
+                for &id in &fallback_ids {
+                    g[id.index()] = grads.get(id).cloned();
+                }
+                adam.step(params, &Gradients::from_params(g), &Captures::new())?;
+            }
+            None => {
+                for &id in &fallback_ids {
+                    let Some(g) = grads.get(id) else { continue };
+                    let slot = self.slot_of[&id];
+                    sgd_update(
+                        params.get_mut(id).data_mut(),
+                        g.data(),
+                        self.velocity.bufs[slot].data_mut(),
+                        lr,
+                        cfg.momentum,
+                        false,
+                        cfg.weight_decay,
+                    );
+                }
+            }
+        }
+
+        // 6. The quadratic model's prediction for the damping adaptation.
+        self.predicted = before.map(|old| self.predicted_change(&old, params, grads));
+        report.update_ms = t2.elapsed().as_secs_f64() * 1e3;
+        if nu < 1.0 {
+            report.notes.push(format!("update KL-clipped by {nu:.3}"));
+        }
+        self.step += 1;
+        Ok(report)
+    }
+
+    fn observe_reduction(&mut self, before: f32, after: f32) {
+        let (Some(pred), Some(lm)) = (self.predicted.take(), self.config.adaptive_damping) else {
+            return;
+        };
+        let actual = (after - before) as f64;
+        // A model predicting no decrease cannot be trusted: treat as a poor step.
+        let rho = if pred < 0.0 { actual / pred } else { f64::NEG_INFINITY };
+        self.last_rho = Some(rho as f32);
+        if rho > 0.75 {
+            self.damping *= lm.decay;
+        } else if rho < 0.25 {
+            self.damping /= lm.decay;
+        }
+        self.damping = self.damping.clamp(lm.min_damping, lm.max_damping);
+    }
+
+    fn learning_rate(&self) -> f32 {
+        self.config.schedule.base
+    }
+
+    fn set_learning_rate(&mut self, lr: f32) {
+        self.config.schedule.base = lr;
+    }
+
+    fn state(&self) -> OptimState {
+        let be = self.backend.as_ref();
+        let mut s = OptimState::default();
+        self.velocity.export("kfac.velocity", &mut s);
+        let mut blocks = Vec::new();
+        for b in &self.blocks {
+            let p = &b.info.path;
+            let mut put = |name: &str, m: &crate::backend::Mat| {
+                s.tensors.insert(format!("kfac.{p}.{name}"), be.download(m));
+            };
+            if let Some(a) = &b.a {
+                put("A", a);
+            }
+            if let Some(g) = &b.g {
+                put("G", g);
+            }
+            let (kind, ea, eg) = match &b.precond {
+                Some(Precond::Inverse { a_inv, g_inv }) => {
+                    put("A_inv", a_inv);
+                    put("G_inv", g_inv);
+                    (Some("inverse".to_string()), None, None)
+                }
+                Some(Precond::Eigen { qa, ea, qg, eg }) => {
+                    put("QA", qa);
+                    put("QG", qg);
+                    (Some("eigen".to_string()), Some(ea.clone()), Some(eg.clone()))
+                }
+                None => (None, None, None),
+            };
+            blocks.push(BlockMeta {
+                path: p.clone(),
+                updates: b.updates,
+                boost: b.boost,
+                precond: kind,
+                ea,
+                eg,
+            });
+        }
+        let adam = self.adam.as_ref().map(|a| {
+            let st = a.state();
+            for (n, t) in st.tensors {
+                s.tensors.insert(format!("fallback.{n}"), t);
+            }
+            st.meta
+        });
+        s.meta = serde_json::to_value(KfacMeta {
+            kind: "kfac".into(),
+            config: self.config,
+            step: self.step,
+            damping: self.damping,
+            predicted: self.predicted,
+            blocks,
+            adam,
+        })
+        .expect("KFAC metadata serializes");
+        s
+    }
+
+    fn load_state(&mut self, mut state: OptimState) -> Result<(), OptimError> {
+        let meta: KfacMeta = state.meta_as("kfac")?;
+        let bad = |detail: String| OptimError::BadState { detail };
+        if meta.kind != "kfac" {
+            return Err(bad(format!("state of {:?}, not kfac", meta.kind)));
+        }
+        if meta.blocks.len() != self.blocks.len() {
+            return Err(bad(format!(
+                "{} Fisher blocks saved, this model has {}",
+                meta.blocks.len(),
+                self.blocks.len()
+            )));
+        }
+        let be = self.backend.as_ref();
+        let velocity = self.velocity.import("kfac.velocity", &mut state)?;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for (b, m) in self.blocks.iter().zip(&meta.blocks) {
+            let p = &b.info.path;
+            if &m.path != p {
+                return Err(bad(format!("block {:?} saved where this model has {p:?}", m.path)));
+            }
+            let (da, dg) = (b.info.a_dim(), b.info.g_dim());
+            let mut take = |name: &str, r: usize, c: usize| {
+                state
+                    .take(&format!("kfac.{p}.{name}"), &[r, c])
+                    .map(|t| be.upload(&t))
+            };
+            let (a, g) = if m.updates > 0 {
+                (Some(take("A", da, da)?), Some(take("G", dg, dg)?))
+            } else {
+                (None, None)
+            };
+            let precond = match m.precond.as_deref() {
+                Some("inverse") => Some(Precond::Inverse {
+                    a_inv: take("A_inv", da, da)?,
+                    g_inv: take("G_inv", dg, dg)?,
+                }),
+                Some("eigen") => {
+                    let (ea, eg) = (m.ea.clone().unwrap_or_default(), m.eg.clone().unwrap_or_default());
+                    if ea.len() != da || eg.len() != dg {
+                        return Err(bad(format!("{p}: eigenvalue counts do not fit the block")));
+                    }
+                    Some(Precond::Eigen {
+                        qa: take("QA", da, da)?,
+                        ea,
+                        qg: take("QG", dg, dg)?,
+                        eg,
+                    })
+                }
+                None => None,
+                Some(other) => return Err(bad(format!("{p}: unknown preconditioner {other:?}"))),
+            };
+            blocks.push(BlockState {
+                info: b.info.clone(),
+                a,
+                g,
+                updates: m.updates,
+                precond,
+                boost: m.boost,
+            });
+        }
+        let adam = match (&self.adam, meta.adam) {
+            (Some(a), Some(am)) => {
+                let mut inner = OptimState {
+                    tensors: state
+                        .tensors
+                        .iter()
+                        .filter_map(|(n, t)| n.strip_prefix("fallback.").map(|k| (k.to_string(), t.clone())))
+                        .collect(),
+                    meta: am,
+                };
+                let mut fresh = Adam::new_like(a);
+                fresh.load_state(std::mem::take(&mut inner))?;
+                Some(fresh)
+            }
+            (None, None) => None,
+            _ => return Err(bad("fallback rule differs from the saved one".into())),
+        };
+        self.velocity = velocity;
+        self.blocks = blocks;
+        self.adam = adam;
+        self.config = meta.config;
+        self.step = meta.step;
+        self.damping = meta.damping;
+        self.predicted = meta.predicted;
+        Ok(())
+    }
+}
+
+impl Kfac {
+    /// `M(δ) - M(0) = ∇h^T δ + 1/2 δ^T (F + λ I) δ` for the step just taken (`δ = new - old`),
+    /// with `F` the block-diagonal Kronecker approximation itself (zero outside blocks).
+    fn predicted_change(&self, old: &ParamStore, new: &ParamStore, grads: &Gradients) -> f64 {
+        let be = self.backend.as_ref();
+        let delta = |id: ParamId| new.get(id).sub(old.get(id));
+        let mut lin = 0.0f64;
+        let mut sq = 0.0f64;
+        for (id, g) in grads.params() {
+            let d = delta(id);
+            lin += dot(g, &d);
+            sq += dot(&d, &d);
+        }
+        let quad: f64 = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let dw = delta(b.info.weight);
+                let db = b.info.bias.map(delta);
+                let d = b.info.join(&dw, db.as_ref());
+                b.quadratic(be, &be.upload(&d))
+            })
+            .sum();
+        lin + 0.5 * (quad + self.damping as f64 * sq)
+    }
+}
+
+fn params_shape(params: &ParamStore, id: ParamId) -> &[usize] {
+    params.get(id).shape()
+}
+
+fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    a.data()
+        .iter()
+        .zip(b.data())
+        .map(|(&x, &y)| x as f64 * y as f64)
+        .sum()
+}

@@ -1,0 +1,453 @@
+//! KFAC and KFC against brute force: factors, preconditioned updates, the natural-gradient
+//! identity, and the failure policy.
+
+use std::sync::Mutex;
+
+use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor};
+use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
+use kron_optim::backend::{Eigh, Inverse, LinalgError, Mat};
+use kron_optim::{
+    Backend, Captures, CpuBackend, EigenDamping, FisherKind, InverseMethod, Kfac, KfacConfig,
+    Optimizer, Precision,
+};
+
+/// Solves `m x = b` (dense, f64) by Gaussian elimination with partial pivoting.
+fn solve(mut m: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
+    let n = b.len();
+    for c in 0..n {
+        let p = (c..n).max_by(|&i, &j| m[i][c].abs().total_cmp(&m[j][c].abs())).unwrap();
+        m.swap(c, p);
+        b.swap(c, p);
+        for r in c + 1..n {
+            let f = m[r][c] / m[c][c];
+            for k in c..n {
+                m[r][k] -= f * m[c][k];
+            }
+            b[r] -= f * b[c];
+        }
+    }
+    let mut x = vec![0.0; n];
+    for r in (0..n).rev() {
+        let s: f64 = (r + 1..n).map(|k| m[r][k] * x[k]).sum();
+        x[r] = (b[r] - s) / m[r][r];
+    }
+    x
+}
+
+fn mat64(t: &Tensor) -> Vec<Vec<f64>> {
+    let (r, c) = t.dims2();
+    (0..r).map(|i| (0..c).map(|j| t.data()[i * c + j] as f64).collect()).collect()
+}
+
+/// `kron(x, y)` of square matrices.
+fn kron(x: &[Vec<f64>], y: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let (n, m) = (x.len(), y.len());
+    let mut out = vec![vec![0.0; n * m]; n * m];
+    for i in 0..n {
+        for j in 0..n {
+            for k in 0..m {
+                for l in 0..m {
+                    out[i * m + k][j * m + l] = x[i][j] * y[k][l];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn add_diag(mut x: Vec<Vec<f64>>, v: f64) -> Vec<Vec<f64>> {
+    for (i, row) in x.iter_mut().enumerate() {
+        row[i] += v;
+    }
+    x
+}
+
+fn trace(x: &[Vec<f64>]) -> f64 {
+    (0..x.len()).map(|i| x[i][i]).sum()
+}
+
+struct Net {
+    store: ParamStore,
+    model: Sequential,
+}
+
+fn mlp(seed: u64) -> Net {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(seed);
+    let model = Sequential::new()
+        .push(Dense::new(&mut store, "0", 3, 4, &mut rng))
+        .push(Activation::Tanh)
+        .push(Dense::new(&mut store, "2", 4, 2, &mut rng));
+    Net { store, model }
+}
+
+fn convnet(seed: u64) -> Net {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(seed);
+    let model = Sequential::new()
+        .push(Conv2dConfig::new(2, 3, 3).with_padding(1).with_stride(2).build(&mut store, "c", &mut rng))
+        .push(Activation::Relu)
+        .push(Flatten)
+        .push(Dense::new(&mut store, "fc", 3 * 3 * 3, 2, &mut rng));
+    Net { store, model }
+}
+
+/// Gradients and empirical-Fisher captures of a batch.
+fn backward(net: &Net, kfac: &Kfac, x: &Tensor, y: &[usize]) -> (Gradients, Captures) {
+    let tape = Tape::new(&net.store).capturing(kfac.wants().capture);
+    let l = net.model.forward(tape.input(x.clone())).cross_entropy(y);
+    let mut g = tape.backward(l);
+    let c = g.take_captures();
+    (g, c)
+}
+
+fn empirical(cfg: KfacConfig) -> KfacConfig {
+    cfg.with_fisher(FisherKind::Empirical).with_kl_clip(None)
+}
+
+#[test]
+fn factors_equal_their_definitions_dense_and_conv() {
+    for (net, x) in [
+        (mlp(1), Tensor::randn(&[5, 3], 0.0, 1.0, &mut Rng::new(2))),
+        (convnet(1), Tensor::randn(&[4, 2, 5, 6], 0.0, 1.0, &mut Rng::new(2))),
+    ] {
+        let mut net = net;
+        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_conv_stats_period(1));
+        let y: Vec<usize> = (0..x.dim(0)).map(|i| i % 2).collect();
+        let (g, caps) = backward(&net, &kfac, &x, &y);
+        kfac.step(&mut net.store, &g, &caps).unwrap();
+        for b in net.model.fisher_blocks() {
+            let cap = &caps[&b.layer];
+            let (a, gf) = kfac.factors(&b.path).unwrap();
+            // Brute force: explicit homogeneous coordinate, sums over rows.
+            let (rows, d) = cap.a.dims2();
+            let n = d + 1;
+            let mut bf = vec![0.0f64; n * n];
+            for r in 0..rows {
+                let mut v: Vec<f64> = cap.a.data()[r * d..(r + 1) * d].iter().map(|&x| x as f64).collect();
+                v.push(1.0);
+                for i in 0..n {
+                    for j in 0..n {
+                        bf[i * n + j] += v[i] * v[j] / cap.batch as f64;
+                    }
+                }
+            }
+            for (k, (&got, want)) in a.data().iter().zip(&bf).enumerate() {
+                assert!((got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{} A[{k}]: {got} vs {want}", b.path);
+            }
+            let (_, o) = cap.g.dims2();
+            let mut bg = vec![0.0f64; o * o];
+            for r in 0..rows {
+                let v = &cap.g.data()[r * o..(r + 1) * o];
+                for i in 0..o {
+                    for j in 0..o {
+                        bg[i * o + j] += v[i] as f64 * v[j] as f64 / (cap.batch * cap.locations) as f64;
+                    }
+                }
+            }
+            for (k, (&got, want)) in gf.data().iter().zip(&bg).enumerate() {
+                assert!((got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{} G[{k}]: {got} vs {want}", b.path);
+            }
+        }
+    }
+}
+
+/// After one step with fresh statistics, each block's preconditioned gradient equals a dense
+/// solve with the damped Kronecker product built explicitly.
+#[test]
+fn preconditioned_update_equals_dense_solve_with_the_damped_kronecker_product() {
+    let lambda = 0.05f64;
+    for method in [
+        InverseMethod::Inverse,
+        InverseMethod::Eigen(EigenDamping::Factored),
+        InverseMethod::Eigen(EigenDamping::Tikhonov),
+    ] {
+        for mut net in [mlp(3), convnet(3)] {
+            let x = if net.model.fisher_blocks()[0].is_conv() {
+                Tensor::randn(&[4, 2, 5, 6], 0.0, 1.0, &mut Rng::new(4))
+            } else {
+                Tensor::randn(&[6, 3], 0.0, 1.0, &mut Rng::new(4))
+            };
+            let cfg = empirical(KfacConfig::default())
+                .with_damping(lambda as f32)
+                .with_method(method)
+                .with_conv_stats_period(1)
+                .with_precision(Precision::F64);
+            let mut kfac = Kfac::new(&net.model, &net.store, cfg);
+            let y: Vec<usize> = (0..x.dim(0)).map(|i| (i * 7) % 2).collect();
+            let (g, caps) = backward(&net, &kfac, &x, &y);
+            kfac.step(&mut net.store, &g, &caps).unwrap();
+            for b in net.model.fisher_blocks() {
+                let (a, gf) = kfac.factors(&b.path).unwrap();
+                let (a, gf) = (mat64(&a), mat64(&gf));
+                let v = Tensor::randn(&[b.g_dim(), b.a_dim()], 0.0, 1.0, &mut Rng::new(9));
+                let u = kfac.precondition(&b.path, &v).unwrap();
+                let k = match method {
+                    InverseMethod::Eigen(EigenDamping::Tikhonov) => add_diag(kron(&gf, &a), lambda),
+                    _ => {
+                        let pi = ((trace(&a) / a.len() as f64) / (trace(&gf) / gf.len() as f64)).sqrt();
+                        kron(
+                            &add_diag(gf.clone(), lambda.sqrt() / pi),
+                            &add_diag(a.clone(), pi * lambda.sqrt()),
+                        )
+                    }
+                };
+                let want = solve(k, v.data().iter().map(|&x| x as f64).collect());
+                let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                for (i, (&got, w)) in u.data().iter().zip(&want).enumerate() {
+                    assert!(
+                        (got as f64 - w).abs() < 1e-4 * scale,
+                        "{method:?} {}: U[{i}] = {got}, dense solve {w}",
+                        b.path
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn inverse_and_factored_eigenbasis_paths_agree() {
+    let x = Tensor::randn(&[8, 3], 0.0, 1.0, &mut Rng::new(5));
+    let y: Vec<usize> = (0..8).map(|i| i % 2).collect();
+    let mut outs = vec![];
+    for method in [InverseMethod::Inverse, InverseMethod::Eigen(EigenDamping::Factored)] {
+        let mut net = mlp(6);
+        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_method(method));
+        for _ in 0..3 {
+            let (g, caps) = backward(&net, &kfac, &x, &y);
+            kfac.step(&mut net.store, &g, &caps).unwrap();
+        }
+        outs.push(net.store);
+    }
+    for ((_, n, a), (_, _, b)) in outs[0].iter().zip(outs[1].iter()) {
+        assert!(a.max_abs_diff(b) < 1e-5, "{n}: {}", a.max_abs_diff(b));
+    }
+}
+
+/// One dense layer, squared error, unit-variance Gaussian model: the Fisher is exactly
+/// `kron(I, A)` (the expectation of `g g^T` is the identity), so KFAC with the sampled Fisher
+/// is the exact natural gradient up to Monte Carlo error in `G`.
+#[test]
+fn kfac_on_one_linear_layer_with_squared_loss_is_the_natural_gradient() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(11);
+    let layer = Dense::new(&mut store, "lin", 4, 3, &mut rng);
+    let model = Sequential::new().push(layer);
+    let b = 8192;
+    let x = Tensor::randn(&[b, 4], 0.5, 1.0, &mut rng);
+    let t = Tensor::randn(&[b, 3], 0.0, 1.0, &mut rng);
+    let lambda = 1e-6f32;
+    let cfg = KfacConfig::default().with_damping(lambda).with_kl_clip(None);
+    let mut kfac = Kfac::new(&model, &store, cfg);
+    let mut loop_rng = Rng::new(12);
+    // One step through the real training-step machinery (sampled labels, second backward).
+    let out = {
+        let tape = Tape::new(&store).capturing(kfac.wants().capture);
+        let y = model.forward(tape.input(x.clone()));
+        let l = y.squared_error(&t);
+        let g = tape.backward(l);
+        let sampled = LossKind::SquaredError.sample(&y.value(), &mut loop_rng);
+        let Targets::Values(s) = &sampled else { unreachable!() };
+        let caps = tape.backward(y.squared_error(s)).take_captures();
+        (g, caps)
+    };
+    let v = model.fisher_blocks()[0].join(
+        out.0.get(layer_weight(&model)).unwrap(),
+        layer_bias(&model).and_then(|id| out.0.get(id)),
+    );
+    kfac.step(&mut store, &out.0, &out.1).unwrap();
+    let (a, g) = kfac.factors("lin").unwrap();
+    // G is the identity up to sampling error.
+    assert!(g.max_abs_diff(&Tensor::eye(3)) < 0.05, "G = {g:?}");
+    // Exact natural gradient from the analytic Fisher kron(I, A).
+    let a64 = mat64(&a);
+    let eye: Vec<Vec<f64>> = (0..3).map(|i| (0..3).map(|j| f64::from(u8::from(i == j))).collect()).collect();
+    let f = add_diag(kron(&eye, &a64), lambda as f64);
+    let nat = solve(f, v.data().iter().map(|&x| x as f64).collect());
+    let u = kfac.precondition("lin", &v).unwrap();
+    let norm = nat.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let err = u.data().iter().zip(&nat).map(|(&p, q)| (p as f64 - q).powi(2)).sum::<f64>().sqrt();
+    assert!(err < 0.05 * norm, "relative error {}", err / norm);
+}
+
+fn layer_weight(m: &Sequential) -> kron_autodiff::ParamId {
+    m.fisher_blocks()[0].weight
+}
+
+fn layer_bias(m: &Sequential) -> Option<kron_autodiff::ParamId> {
+    m.fisher_blocks()[0].bias
+}
+
+#[test]
+fn f32_and_f64_statistics_agree() {
+    let x = Tensor::randn(&[16, 3], 0.0, 1.0, &mut Rng::new(7));
+    let y: Vec<usize> = (0..16).map(|i| i % 2).collect();
+    let mut outs = vec![];
+    for p in [Precision::F32, Precision::F64] {
+        let mut net = mlp(8);
+        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_precision(p).with_inverse_period(2));
+        for _ in 0..5 {
+            let (g, caps) = backward(&net, &kfac, &x, &y);
+            kfac.step(&mut net.store, &g, &caps).unwrap();
+        }
+        outs.push(net.store);
+    }
+    for ((_, n, a), (_, _, b)) in outs[0].iter().zip(outs[1].iter()) {
+        assert!(a.max_abs_diff(b) < 1e-4, "{n}: {}", a.max_abs_diff(b));
+    }
+}
+
+#[test]
+fn non_finite_gradients_are_refused_and_non_finite_captures_skipped() {
+    let mut net = mlp(9);
+    let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()));
+    let x = Tensor::randn(&[4, 3], 0.0, 1.0, &mut Rng::new(1));
+    let y = vec![0, 1, 0, 1];
+    let (g, caps) = backward(&net, &kfac, &x, &y);
+    kfac.step(&mut net.store, &g, &caps).unwrap();
+    let (p0, s0) = (net.store.clone(), kfac.state());
+    // NaN gradient: Err, nothing changes.
+    let mut gbad: Vec<Option<Tensor>> = net.store.ids().map(|id| g.get(id).cloned()).collect();
+    gbad[0].as_mut().unwrap().data_mut()[0] = f32::NAN;
+    assert!(kfac.step(&mut net.store, &Gradients::from_params(gbad), &caps).is_err());
+    assert_eq!(net.store, p0);
+    assert_eq!(kfac.state(), s0);
+    // Non-finite capture: that block's statistics are skipped, the report says so, step is Ok.
+    let mut caps2 = caps.clone();
+    let first = *caps2.keys().next().unwrap();
+    caps2.get_mut(&first).unwrap().a.data_mut()[0] = f32::INFINITY;
+    let (fa, _) = kfac.factors("0").unwrap();
+    let report = kfac.step(&mut net.store, &g, &caps2).unwrap();
+    assert!(report.notes.iter().any(|n| n.starts_with("0: non-finite")), "{:?}", report.notes);
+    assert_eq!(kfac.factors("0").unwrap().0, fa);
+    assert!(net.store.iter().all(|(_, _, t)| t.all_finite()));
+}
+
+/// A backend whose damped inverse fails a given number of times, recording the damping it
+/// was asked for.
+#[derive(Debug)]
+struct Flaky {
+    inner: CpuBackend,
+    failures: Mutex<usize>,
+    asked: Mutex<Vec<f32>>,
+}
+
+impl Backend for Flaky {
+    fn name(&self) -> String {
+        "flaky".into()
+    }
+    fn precision(&self) -> Precision {
+        self.inner.precision()
+    }
+    fn upload_rows(&self, t: &Tensor, rows: Option<usize>) -> Mat {
+        self.inner.upload_rows(t, rows)
+    }
+    fn download(&self, m: &Mat) -> Tensor {
+        self.inner.download(m)
+    }
+    fn zeros(&self, r: usize, c: usize) -> Mat {
+        self.inner.zeros(r, c)
+    }
+    fn gemm(&self, al: f32, a: &Mat, ta: bool, b: &Mat, tb: bool) -> Mat {
+        self.inner.gemm(al, a, ta, b, tb)
+    }
+    fn factor_ema(&self, acc: &mut Mat, x: &Mat, h: bool, s: f32, d: f32) {
+        self.inner.factor_ema(acc, x, h, s, d)
+    }
+    fn add_diag(&self, m: &mut Mat, v: f32) {
+        self.inner.add_diag(m, v)
+    }
+    fn scale(&self, m: &mut Mat, s: f32) {
+        self.inner.scale(m, s)
+    }
+    fn axpby(&self, a: f32, x: &Mat, b: f32, y: &mut Mat) {
+        self.inner.axpby(a, x, b, y)
+    }
+    fn div_outer(&self, m: &mut Mat, l: &[f64], r: &[f64], add: f64) {
+        self.inner.div_outer(m, l, r, add)
+    }
+    fn trace(&self, m: &Mat) -> f64 {
+        self.inner.trace(m)
+    }
+    fn dot(&self, a: &Mat, b: &Mat) -> f64 {
+        self.inner.dot(a, b)
+    }
+    fn is_finite(&self, m: &Mat) -> bool {
+        self.inner.is_finite(m)
+    }
+    fn spd_inverse(&self, m: &Mat, damping: f32) -> Result<Inverse, LinalgError> {
+        self.asked.lock().unwrap().push(damping);
+        let mut f = self.failures.lock().unwrap();
+        if *f > 0 {
+            *f -= 1;
+            return Err(LinalgError::NotPositiveDefinite { pivot: 0 });
+        }
+        self.inner.spd_inverse(m, damping)
+    }
+    fn eigh(&self, m: &Mat) -> Result<Eigh, LinalgError> {
+        self.inner.eigh(m)
+    }
+    fn inv_root(&self, m: &Mat, p: u32, d: f32) -> Result<Mat, LinalgError> {
+        self.inner.inv_root(m, p, d)
+    }
+}
+
+#[test]
+fn failed_refresh_keeps_fallback_then_retries_with_more_damping() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(10);
+    let model = Sequential::new().push(Dense::new(&mut store, "only", 3, 2, &mut rng));
+    let be = Box::new(Flaky {
+        inner: CpuBackend::new(Precision::F32),
+        failures: Mutex::new(1),
+        asked: Mutex::new(vec![]),
+    });
+    let flaky: *const Flaky = &*be;
+    let cfg = empirical(KfacConfig::default()).with_inverse_period(1).with_momentum(0.0);
+    let mut kfac = Kfac::with_backend(model.fisher_blocks(), &store, cfg, be);
+    let net = Net { store: store.clone(), model };
+    let x = Tensor::randn(&[6, 3], 0.0, 1.0, &mut rng);
+    let y = vec![0, 1, 1, 0, 1, 0];
+    let (g, caps) = backward(&net, &kfac, &x, &y);
+    // First refresh fails: the block falls back to SGD on the raw gradient.
+    let before = store.clone();
+    let r = kfac.step(&mut store, &g, &caps).unwrap();
+    assert!(r.notes.iter().any(|n| n.contains("refresh failed") && n.contains("first-order fallback")), "{:?}", r.notes);
+    let w = model_weight(&net);
+    let sgd = before.get(w).sub(&g.get(w).unwrap().scale(0.1));
+    assert!(store.get(w).max_abs_diff(&sgd) < 1e-6);
+    // Second refresh succeeds at ten times the damping and says so; the third is back to normal.
+    let r2 = kfac.step(&mut store, &g, &caps).unwrap();
+    assert!(r2.notes.iter().any(|n| n.contains("refresh succeeded")), "{:?}", r2.notes);
+    kfac.step(&mut store, &g, &caps).unwrap();
+    // SAFETY: the backend lives inside `kfac`, which is alive.
+    let asked = unsafe { (*flaky).asked.lock().unwrap().clone() };
+    // Two inverses (A then G) per refresh; the first failed at A.
+    assert!((asked[1] / asked[0] - 10.0).abs() < 1e-3 || (asked[1] / asked[0] - 10f32.sqrt()).abs() < 1e-2, "{asked:?}");
+    assert!(asked.last().unwrap() < &asked[1]);
+}
+
+fn model_weight(net: &Net) -> kron_autodiff::ParamId {
+    net.model.fisher_blocks()[0].weight
+}
+
+#[test]
+fn state_round_trip_restores_everything() {
+    let mut net = mlp(12);
+    let x = Tensor::randn(&[6, 3], 0.0, 1.0, &mut Rng::new(1));
+    let y = vec![0, 1, 1, 0, 1, 0];
+    for method in [InverseMethod::Inverse, InverseMethod::Eigen(EigenDamping::Tikhonov)] {
+        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_method(method));
+        for _ in 0..2 {
+            let (g, caps) = backward(&net, &kfac, &x, &y);
+            kfac.step(&mut net.store, &g, &caps).unwrap();
+        }
+        let st = kfac.state();
+        let mut other = Kfac::new(&net.model, &net.store, KfacConfig::default());
+        other.load_state(st.clone()).unwrap();
+        assert_eq!(other.state(), st);
+        let v = Tensor::randn(&[4, 4], 0.0, 1.0, &mut Rng::new(2));
+        assert_eq!(other.precondition("0", &v), kfac.precondition("0", &v));
+    }
+}
