@@ -1,0 +1,84 @@
+//! The deep autoencoder of the KFAC papers (Hinton & Salakhutdinov 2006), on the bundled
+//! MNIST subset or on MNIST-format data with `--data DIR`.
+
+use kron::layers::Module;
+use kron::prelude::*;
+
+use crate::data;
+use crate::example::{Config, Example, Sizes};
+use crate::train::{OptimizerKind, Task};
+
+/// The encoder widths; the decoder mirrors them.
+pub const WIDTHS: [usize; 5] = [784, 1000, 500, 250, 30];
+
+// ANCHOR: model
+/// `784-1000-500-250-30` with sigmoid hidden units and a linear 30-unit code, mirrored by the
+/// decoder, whose last layer emits logits for a sigmoid binary cross-entropy loss.
+pub fn autoencoder(store: &mut ParamStore, rng: &mut Rng) -> Sequential {
+    let mut net = Sequential::new();
+    let mut widths: Vec<usize> = WIDTHS.to_vec();
+    widths.extend(WIDTHS.iter().rev().skip(1));
+    let last = widths.len() - 2;
+    for (i, w) in widths.windows(2).enumerate() {
+        net = net.push(Dense::new(store, &format!("layers.{i}"), w[0], w[1], rng));
+        // Linear code layer (i == 3) and linear output (logits).
+        if i != 3 && i != last {
+            net = net.push(Activation::Sigmoid);
+        }
+    }
+    net
+}
+// ANCHOR_END: model
+
+fn task(cfg: &Config, sizes: &Sizes) -> Result<Task, String> {
+    let split = data::load(cfg, data::bundled_mnist)?;
+    let (train, test) = data::trimmed(&split, sizes);
+    let (x, xt) = (data::flat(&train), data::flat(&test));
+    Ok(Task::new(
+        x.clone(),
+        Targets::Values(x),
+        xt.clone(),
+        Targets::Values(xt),
+        LossKind::SigmoidBce,
+        2000,
+    ))
+}
+
+fn model(_task: &Task, store: &mut ParamStore, rng: &mut Rng) -> Box<dyn Module> {
+    Box::new(autoencoder(store, rng))
+}
+
+/// The deep autoencoder.
+pub const EXAMPLE: Example = Example {
+    name: "autoencoder",
+    title: "autoencoder: 784-1000-500-250-30 deep autoencoder on MNIST digits",
+    default_optimizer: OptimizerKind::Kfac,
+    task,
+    model,
+    kfac: crate::KFAC_DEFAULT,
+    lrs: [
+        (OptimizerKind::Sgd, 0.1),
+        (OptimizerKind::Adam, 1e-3),
+        (OptimizerKind::Kfac, 0.1),
+    ],
+    grid: |k| match k {
+        OptimizerKind::Adam => vec![3e-4, 1e-3, 3e-3],
+        _ => vec![0.03, 0.1, 0.3],
+    },
+    sizes: Sizes {
+        epochs: 10,
+        batch_size: 500,
+        evals_per_epoch: 2,
+        eval_every: 1,
+        train: None,
+        test: None,
+    },
+    fast: Sizes {
+        epochs: 2,
+        batch_size: 100,
+        evals_per_epoch: 1,
+        eval_every: 1,
+        train: Some(200),
+        test: Some(100),
+    },
+};

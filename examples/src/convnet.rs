@@ -1,0 +1,94 @@
+//! A conv net on 28x28 digits (the bundled MNIST subset), or on Fashion-MNIST with
+//! `--data /usr/share/datasets/fashion-mnist`.
+
+use kron::layers::Module;
+use kron::optim::KfacConfig;
+use kron::prelude::*;
+
+use crate::data;
+use crate::example::{Config, Example, Sizes};
+use crate::train::{OptimizerKind, Task};
+
+// ANCHOR: model
+/// Three times [conv 5x5 padding 2, ReLU, max-pool 3x3 stride 2 padding 1] with 32, 32 and 64
+/// channels (28 -> 14 -> 7 -> 4), then dense `1024 -> classes`.
+pub fn convnet(store: &mut ParamStore, rng: &mut Rng, in_ch: usize, classes: usize) -> Sequential {
+    let mut net = Sequential::new();
+    let mut c = in_ch;
+    for (i, out) in [32, 32, 64].into_iter().enumerate() {
+        net = net
+            .push(Conv2dConfig::new(c, out, 5).with_padding(2).build(
+                store,
+                &format!("features.{i}"),
+                rng,
+            ))
+            .push(Activation::Relu)
+            .push(MaxPool2d::new(3, 2, 1));
+        c = out;
+    }
+    net.push(Flatten)
+        .push(Dense::new(store, "classifier", 64 * 4 * 4, classes, rng))
+}
+// ANCHOR_END: model
+
+fn task(cfg: &Config, sizes: &Sizes) -> Result<Task, String> {
+    let split = data::load(cfg, data::bundled_mnist)?;
+    let (train, test) = data::trimmed(&split, sizes);
+    if train.image_shape()[1..] != [28, 28] {
+        return Err(format!(
+            "convnet expects 28x28 images, found {:?}",
+            train.image_shape()
+        ));
+    }
+    Ok(Task::new(
+        train.images_nchw(),
+        Targets::Classes(train.labels().to_vec()),
+        test.images_nchw(),
+        Targets::Classes(test.labels().to_vec()),
+        LossKind::CrossEntropy,
+        1000,
+    ))
+}
+
+fn model(task: &Task, store: &mut ParamStore, rng: &mut Rng) -> Box<dyn Module> {
+    Box::new(convnet(store, rng, task.train_x.dim(1), 10))
+}
+
+/// The conv net.
+pub const EXAMPLE: Example = Example {
+    name: "convnet",
+    title: "convnet: 3-layer conv net on 28x28 digits",
+    default_optimizer: OptimizerKind::Kfac,
+    task,
+    model,
+    kfac: KfacConfig {
+        conv_stats_period: 10,
+        inverse_period: 20,
+        ..crate::KFAC_DEFAULT
+    },
+    lrs: [
+        (OptimizerKind::Sgd, 0.03),
+        (OptimizerKind::Adam, 1e-3),
+        (OptimizerKind::Kfac, 0.03),
+    ],
+    grid: |k| match k {
+        OptimizerKind::Adam => vec![3e-4, 1e-3, 3e-3],
+        _ => vec![0.01, 0.03, 0.1],
+    },
+    sizes: Sizes {
+        epochs: 3,
+        batch_size: 128,
+        evals_per_epoch: 4,
+        eval_every: 1,
+        train: None,
+        test: None,
+    },
+    fast: Sizes {
+        epochs: 2,
+        batch_size: 32,
+        evals_per_epoch: 1,
+        eval_every: 1,
+        train: Some(128),
+        test: Some(64),
+    },
+};

@@ -1,0 +1,302 @@
+//! What every example shares: its flags, its definition, and its summary.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use kron::layers::Module;
+use kron::optim::KfacConfig;
+use kron::prelude::*;
+
+use crate::cli::{CliError, Flags};
+use crate::report::Curves;
+use crate::train::{
+    BackendKind, Comparison, OptimizerKind, RunSpec, Task, compare, default_optimizer, run, sweep,
+};
+
+/// The flags every example takes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `--optimizer sgd|adam|kfac`.
+    pub optimizer: OptimizerKind,
+    /// `--lr`: the learning rate (default: the example's tuned value for the optimizer).
+    pub lr: Option<f32>,
+    /// `--epochs` (default: the example's).
+    pub epochs: Option<usize>,
+    /// `--batch-size` (default: the example's).
+    pub batch_size: Option<usize>,
+    /// `--seed` (default 0).
+    pub seed: u64,
+    /// `--data DIR`: MNIST-format IDX files instead of the bundled data.
+    pub data: Option<PathBuf>,
+    /// `--fast`: a small run, for tests.
+    pub fast: bool,
+    /// `--csv PATH`: where the curves go (default `out/NAME.csv`).
+    pub csv: Option<PathBuf>,
+    /// `--quiet`: no progress bar.
+    pub quiet: bool,
+    /// `--compare`: run every optimizer and print the time-to-target table.
+    pub compare: bool,
+    /// `--sweep`: tune each optimizer's learning rate on its grid first (implies `--compare`).
+    pub sweep: bool,
+    /// `--backend cpu|wgpu`: where KFAC's matrix math runs.
+    pub backend: BackendKind,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            optimizer: OptimizerKind::Adam,
+            lr: None,
+            epochs: None,
+            batch_size: None,
+            seed: 0,
+            data: None,
+            fast: false,
+            csv: None,
+            quiet: false,
+            compare: false,
+            sweep: false,
+            backend: BackendKind::Cpu,
+        }
+    }
+}
+
+/// The usage text shared by the examples.
+pub const USAGE: &str = "flags:
+  --optimizer sgd|adam|kfac   optimizer (default: the example's)
+  --lr X                      learning rate (default: the tuned value for the optimizer)
+  --epochs N                  epochs
+  --batch-size N              mini-batch size
+  --seed N                    seed of every random draw (default 0)
+  --data DIR                  MNIST-format IDX files instead of the bundled data
+  --fast                      a small run (what the tests snapshot)
+  --csv PATH                  where to write the curves (default out/NAME.csv)
+  --compare                   run every optimizer; print the time-to-target table
+  --sweep                     tune each optimizer's learning rate first (implies --compare)
+  --backend cpu|wgpu          where KFAC's matrix math runs (wgpu needs --features wgpu)
+  --quiet                     no progress bar
+  --help                      this text";
+
+impl Config {
+    /// Parses the flags, starting from `default_optimizer`.
+    pub fn from_args(
+        args: impl IntoIterator<Item = String>,
+        default_optimizer: OptimizerKind,
+    ) -> Result<Self, CliError> {
+        let mut f = Flags::parse(args, &["fast", "quiet", "compare", "sweep", "help"])?;
+        if f.switch("help") {
+            return Err(CliError(USAGE.to_string()));
+        }
+        let c = Config {
+            optimizer: f
+                .get::<String>("optimizer")?
+                .map(|s| s.parse().map_err(CliError))
+                .transpose()?
+                .unwrap_or(default_optimizer),
+            lr: f.get("lr")?,
+            epochs: f.get("epochs")?,
+            batch_size: f.get("batch-size")?,
+            seed: f.get("seed")?.unwrap_or(0),
+            data: f.get::<String>("data")?.map(PathBuf::from),
+            fast: f.switch("fast"),
+            csv: f.get::<String>("csv")?.map(PathBuf::from),
+            quiet: f.switch("quiet"),
+            compare: f.switch("compare"),
+            sweep: f.switch("sweep"),
+            backend: f
+                .get::<String>("backend")?
+                .map(|s| s.parse().map_err(CliError))
+                .transpose()?
+                .unwrap_or(BackendKind::Cpu),
+        };
+        f.finish()?;
+        Ok(c)
+    }
+}
+
+/// Sizes of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    /// Epochs.
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Evaluations per epoch.
+    pub evals_per_epoch: usize,
+    /// Epochs between end-of-epoch evaluations (the last epoch is always evaluated).
+    pub eval_every: usize,
+    /// Training examples used (`None`: all).
+    pub train: Option<usize>,
+    /// Test examples used (`None`: all).
+    pub test: Option<usize>,
+}
+
+/// An example: its data, its model, its optimizer recipes and sizes.
+pub struct Example {
+    /// Its name (the CSV's default file name).
+    pub name: &'static str,
+    /// What it trains, in one line.
+    pub title: &'static str,
+    /// The optimizer used without `--optimizer`.
+    pub default_optimizer: OptimizerKind,
+    /// Loads the task (bundled data, or `--data`), trimmed to the sizes.
+    pub task: fn(&Config, &Sizes) -> Result<Task, String>,
+    /// Builds the model for a task.
+    pub model: fn(&Task, &mut ParamStore, &mut Rng) -> Box<dyn Module>,
+    /// KFAC's configuration (its learning rate comes from `lrs`).
+    pub kfac: KfacConfig,
+    /// Tuned learning rates (the result of `--sweep` on the default sizes; see the book).
+    pub lrs: [(OptimizerKind, f32); 3],
+    /// The learning rates `--sweep` tries.
+    pub grid: fn(OptimizerKind) -> Vec<f32>,
+    /// Default sizes.
+    pub sizes: Sizes,
+    /// Sizes with `--fast`.
+    pub fast: Sizes,
+}
+
+/// What a run of an example produced.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// A heading.
+    pub title: String,
+    /// The curves of every run.
+    pub curves: Curves,
+    /// The comparison, with `--compare` or `--sweep`.
+    pub comparison: Option<Comparison>,
+    /// The sweep's log, with `--sweep`.
+    pub sweep_log: Option<String>,
+    /// Notes: runs that stopped early, refreshes that failed, and the like.
+    pub notes: Vec<String>,
+}
+
+impl Summary {
+    /// The printed report; without `seconds` nothing depends on the machine's speed (what the
+    /// snapshot tests compare).
+    pub fn render(&self, seconds: bool) -> String {
+        let mut s = format!("{}\n\n{}", self.title, self.curves.table(seconds));
+        if let Some(log) = &self.sweep_log {
+            let _ = write!(s, "\nlearning-rate sweep:\n{log}");
+        }
+        if let Some(c) = &self.comparison {
+            let _ = write!(s, "\n{}", c.table(seconds));
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        s
+    }
+}
+
+/// Runs an example with a configuration.
+pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
+    let sizes = if cfg.fast { ex.fast } else { ex.sizes };
+    let task = (ex.task)(cfg, &sizes)?;
+    let model_fn = |p: &mut ParamStore, r: &mut Rng| (ex.model)(&task, p, r);
+    let optim = default_optimizer(ex.kfac);
+    let spec = RunSpec {
+        optimizer: cfg.optimizer,
+        lr: 0.0,
+        epochs: cfg.epochs.unwrap_or(sizes.epochs),
+        batch_size: cfg.batch_size.unwrap_or(sizes.batch_size),
+        seed: cfg.seed,
+        evals_per_epoch: sizes.evals_per_epoch,
+        eval_every: sizes.eval_every,
+        quiet: cfg.quiet,
+        backend: cfg.backend,
+    };
+    let tuned = |k: OptimizerKind| {
+        ex.lrs
+            .iter()
+            .find(|(o, _)| *o == k)
+            .map_or(0.01, |(_, l)| *l)
+    };
+    let title = format!(
+        "{} ({} training examples, batch {}, {} epochs, seed {})",
+        ex.title,
+        task.len(),
+        spec.batch_size,
+        spec.epochs,
+        spec.seed
+    );
+    let mut notes = Vec::new();
+    let summary = if cfg.compare || cfg.sweep {
+        let mut lrs: Vec<(OptimizerKind, f32)> = ex.lrs.to_vec();
+        let mut log = None;
+        if cfg.sweep {
+            let mut text = String::new();
+            for (k, lr) in lrs.iter_mut() {
+                let (best, l) = sweep(
+                    &task,
+                    &model_fn,
+                    &optim,
+                    &RunSpec {
+                        optimizer: *k,
+                        ..spec.clone()
+                    },
+                    &(ex.grid)(*k),
+                )?;
+                text.push_str(&l);
+                *lr = best;
+            }
+            log = Some(text);
+        }
+        let c = compare(&task, &model_fn, &optim, &spec, &lrs)?;
+        notes.extend(c.stopped.iter().cloned());
+        Summary {
+            title,
+            curves: c.curves.clone(),
+            comparison: Some(c),
+            sweep_log: log,
+            notes,
+        }
+    } else {
+        let lr = cfg.lr.unwrap_or_else(|| tuned(cfg.optimizer));
+        let r = run(&task, &model_fn, &optim, &RunSpec { lr, ..spec.clone() })?;
+        notes.extend(r.stopped);
+        notes.extend(r.notes);
+        Summary {
+            title,
+            curves: r.curves,
+            comparison: None,
+            sweep_log: None,
+            notes,
+        }
+    };
+    Ok(summary)
+}
+
+/// The `main` of an example: parse flags, run, print, write the CSV. Returns the exit code.
+pub fn main(ex: &Example) -> std::process::ExitCode {
+    let cfg = match Config::from_args(std::env::args().skip(1), ex.default_optimizer) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", ex.name);
+            if !e.0.starts_with("flags:") {
+                eprintln!("{USAGE}");
+            }
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run_example(ex, &cfg) {
+        Ok(s) => {
+            print!("{}", s.render(true));
+            let path = cfg
+                .csv
+                .clone()
+                .unwrap_or_else(|| crate::train::default_csv(ex.name));
+            match s.curves.write_csv(&path) {
+                Ok(()) => println!("curves written to {}", path.display()),
+                Err(e) => {
+                    eprintln!("{}: cannot write {}: {e}", ex.name, path.display());
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", ex.name);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

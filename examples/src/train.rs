@@ -1,0 +1,516 @@
+//! The training driver the examples share: batches, steps, evaluation, curves, sweeps and the
+//! time-to-target comparison.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Instant;
+
+use kron::data::Batches;
+use kron::layers::Module;
+use kron::optim::{Adam, AdamConfig, Kfac, KfacConfig, Optimizer, Sgd, SgdConfig};
+use kron::prelude::*;
+
+use crate::report::{Curves, Point, Progress, time_to_target};
+
+/// The optimizers the examples offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// SGD with momentum 0.9.
+    Sgd,
+    /// Adam.
+    Adam,
+    /// KFAC (KFC for conv layers) as a preconditioner for SGD with momentum.
+    Kfac,
+}
+
+impl OptimizerKind {
+    /// The name used in flags and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Kfac => "kfac",
+        }
+    }
+
+    /// Whether it is a first-order baseline.
+    pub fn first_order(self) -> bool {
+        !matches!(self, OptimizerKind::Kfac)
+    }
+}
+
+impl FromStr for OptimizerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sgd" => Ok(OptimizerKind::Sgd),
+            "adam" => Ok(OptimizerKind::Adam),
+            "kfac" => Ok(OptimizerKind::Kfac),
+            _ => Err(format!(
+                "unknown optimizer {s:?} (expected sgd, adam or kfac)"
+            )),
+        }
+    }
+}
+
+/// Where the optimizer's matrix math runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The CPU backend.
+    Cpu,
+    /// The wgpu backend (needs the `wgpu` feature and an adapter).
+    Wgpu,
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            "wgpu" => Ok(BackendKind::Wgpu),
+            _ => Err(format!("unknown backend {s:?} (expected cpu or wgpu)")),
+        }
+    }
+}
+
+/// A supervised problem: training and test data, the fixed training subset whose loss the
+/// curves report, and the loss.
+pub struct Task {
+    /// Training inputs (first dimension: examples).
+    pub train_x: Tensor,
+    /// Training targets.
+    pub train_t: Targets,
+    /// Test inputs.
+    pub test_x: Tensor,
+    /// Test targets.
+    pub test_t: Targets,
+    /// A fixed subset of the training data on which the "train loss" is measured.
+    pub eval_x: Tensor,
+    /// Its targets.
+    pub eval_t: Targets,
+    /// The loss.
+    pub loss: LossKind,
+    /// Random translation of training batches, if any.
+    pub augment: Option<Shift>,
+}
+
+/// Data augmentation: each training image is translated by a random whole number of pixels in
+/// `-max..=max` on each axis (zeros fill the border), drawn from the run's seeded stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shift {
+    /// Channels, height and width of an image (the rows of the input, flattened or not).
+    pub image: [usize; 3],
+    /// Largest translation in pixels.
+    pub max: usize,
+}
+
+impl Shift {
+    /// Translates every image of a batch.
+    pub fn apply(&self, x: &Tensor, rng: &mut Rng) -> Tensor {
+        let [c, h, w] = self.image;
+        let row = c * h * w;
+        let m = self.max as i64;
+        let mut out = vec![0.0f32; x.numel()];
+        for (src, dst) in x.data().chunks(row).zip(out.chunks_mut(row)) {
+            let dy = rng.below(2 * self.max as u64 + 1) as i64 - m;
+            let dx = rng.below(2 * self.max as u64 + 1) as i64 - m;
+            for ch in 0..c {
+                for y in 0..h as i64 {
+                    let sy = y - dy;
+                    if sy < 0 || sy >= h as i64 {
+                        continue;
+                    }
+                    for xx in 0..w as i64 {
+                        let sx = xx - dx;
+                        if sx >= 0 && sx < w as i64 {
+                            dst[ch * h * w + (y as usize) * w + xx as usize] =
+                                src[ch * h * w + (sy as usize) * w + sx as usize];
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, x.shape())
+    }
+}
+
+/// The rows `idx` of a tensor (first dimension).
+pub fn gather_rows(t: &Tensor, idx: &[usize]) -> Tensor {
+    let row: usize = t.shape()[1..].iter().product();
+    let mut data = Vec::with_capacity(idx.len() * row);
+    for &i in idx {
+        data.extend_from_slice(&t.data()[i * row..(i + 1) * row]);
+    }
+    let mut shape = t.shape().to_vec();
+    shape[0] = idx.len();
+    Tensor::from_vec(data, &shape)
+}
+
+/// The targets of the examples `idx`.
+pub fn gather_targets(t: &Targets, idx: &[usize]) -> Targets {
+    match t {
+        Targets::Classes(c) => Targets::Classes(idx.iter().map(|&i| c[i]).collect()),
+        Targets::Values(v) => Targets::Values(gather_rows(v, idx)),
+    }
+}
+
+impl Task {
+    /// A task whose "train loss" is measured on the first `eval` training examples.
+    pub fn new(
+        train_x: Tensor,
+        train_t: Targets,
+        test_x: Tensor,
+        test_t: Targets,
+        loss: LossKind,
+        eval: usize,
+    ) -> Self {
+        let n = train_x.dim(0).min(eval);
+        let idx: Vec<usize> = (0..n).collect();
+        Task {
+            eval_x: gather_rows(&train_x, &idx),
+            eval_t: gather_targets(&train_t, &idx),
+            train_x,
+            train_t,
+            test_x,
+            test_t,
+            loss,
+            augment: None,
+        }
+    }
+
+    /// With random translations of the training batches.
+    pub fn with_augment(mut self, shift: Shift) -> Self {
+        self.augment = Some(shift);
+        self
+    }
+
+    /// Training examples.
+    pub fn len(&self) -> usize {
+        self.train_x.dim(0)
+    }
+
+    /// Whether there is no training example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How one run trains.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    /// The optimizer.
+    pub optimizer: OptimizerKind,
+    /// Its learning rate.
+    pub lr: f32,
+    /// Epochs.
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// Seed of initialization, shuffling, dropout and sampled labels.
+    pub seed: u64,
+    /// Evaluations per epoch (at least 1: the end of the epoch).
+    pub evals_per_epoch: usize,
+    /// Epochs between evaluations (the last epoch is always evaluated).
+    pub eval_every: usize,
+    /// No progress bar.
+    pub quiet: bool,
+    /// Where the optimizer's matrix math runs.
+    pub backend: BackendKind,
+}
+
+/// Builds a model into a parameter store.
+pub type ModelFn<'a> = &'a dyn Fn(&mut ParamStore, &mut Rng) -> Box<dyn Module>;
+
+/// Builds an optimizer for a model, given the learning rate.
+pub type OptimFn<'a> = &'a dyn Fn(
+    OptimizerKind,
+    f32,
+    &dyn Module,
+    &ParamStore,
+    BackendKind,
+) -> Result<Box<dyn Optimizer>, String>;
+
+/// The examples' optimizer recipes: SGD with momentum 0.9 (Nesterov), Adam, and KFAC with the
+/// given configuration and learning rate.
+pub fn default_optimizer(
+    kfac: KfacConfig,
+) -> impl Fn(
+    OptimizerKind,
+    f32,
+    &dyn Module,
+    &ParamStore,
+    BackendKind,
+) -> Result<Box<dyn Optimizer>, String> {
+    move |kind, lr, model, params, backend| -> Result<Box<dyn Optimizer>, String> {
+        Ok(match kind {
+            OptimizerKind::Sgd => Box::new(Sgd::new(
+                params,
+                SgdConfig::new(lr).with_momentum(0.9).with_nesterov(true),
+            )),
+            OptimizerKind::Adam => Box::new(Adam::new(params, AdamConfig::new(lr))),
+            OptimizerKind::Kfac => {
+                let cfg = KfacConfig {
+                    schedule: kron::optim::Schedule::constant(lr),
+                    ..kfac
+                };
+                match backend {
+                    BackendKind::Cpu => Box::new(Kfac::new(model, params, cfg)),
+                    BackendKind::Wgpu => Box::new(Kfac::with_backend(
+                        model.fisher_blocks(),
+                        params,
+                        cfg,
+                        wgpu_backend()?,
+                    )),
+                }
+            }
+        })
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_backend() -> Result<Box<dyn kron::optim::Backend>, String> {
+    kron::optim::backend::WgpuBackend::new()
+        .map(|b| Box::new(b) as Box<dyn kron::optim::Backend>)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_backend() -> Result<Box<dyn kron::optim::Backend>, String> {
+    Err("the wgpu backend needs the `wgpu` feature: cargo run --release --features wgpu --example ...".into())
+}
+
+/// The outcome of one run.
+pub struct RunResult {
+    /// Its curves.
+    pub curves: Curves,
+    /// Why it stopped early, if it did (a step refused for NaN gradients, say).
+    pub stopped: Option<String>,
+    /// Notes from the optimizer's reports (failed refreshes, skipped statistics), deduplicated.
+    pub notes: Vec<String>,
+}
+
+/// Trains one model from scratch and records its curves.
+pub fn run(
+    task: &Task,
+    model_fn: ModelFn<'_>,
+    optim_fn: OptimFn<'_>,
+    spec: &RunSpec,
+) -> Result<RunResult, String> {
+    let mut params = ParamStore::new();
+    let rng = Rng::new(spec.seed);
+    let model = model_fn(&mut params, &mut rng.fork(1));
+    let mut opt = optim_fn(
+        spec.optimizer,
+        spec.lr,
+        model.as_ref(),
+        &params,
+        spec.backend,
+    )?;
+    let mut batches = Batches::new(task.len(), spec.batch_size, rng.fork(2)).drop_last(true);
+    let mut loop_rng = rng.fork(3);
+    let mut augment_rng = rng.fork(4);
+    let per_epoch = batches.batches_per_epoch().max(1);
+    let total = (per_epoch * spec.epochs) as u64;
+    let eval_at: Vec<usize> = (1..=spec.evals_per_epoch.max(1))
+        .map(|k| k * per_epoch / spec.evals_per_epoch.max(1))
+        .collect();
+    let name = spec.optimizer.name();
+    let progress = Progress::new(name, total, spec.quiet);
+    let mut curves = Curves::default();
+    let mut seconds = 0.0f64;
+    let mut step = 0u64;
+    let mut notes: Vec<String> = Vec::new();
+    let evaluate_point = |params: &ParamStore, epoch: usize, step: u64, seconds: f64| {
+        let tr = evaluate(
+            model.as_ref(),
+            params,
+            task.loss,
+            &task.eval_x,
+            &task.eval_t,
+            500,
+        );
+        let te = evaluate(
+            model.as_ref(),
+            params,
+            task.loss,
+            &task.test_x,
+            &task.test_t,
+            500,
+        );
+        Point {
+            optimizer: name.to_string(),
+            epoch,
+            step,
+            seconds,
+            train_loss: tr.loss,
+            test_loss: te.loss,
+            test_accuracy: te.accuracy,
+        }
+    };
+    curves.points.push(evaluate_point(&params, 0, 0, 0.0));
+    for epoch in 1..=spec.epochs {
+        for b in 0..per_epoch {
+            let idx = batches
+                .next_batch()
+                .ok_or("the data has fewer examples than one batch")?;
+            let mut xb = gather_rows(&task.train_x, &idx);
+            if let Some(shift) = &task.augment {
+                xb = shift.apply(&xb, &mut augment_rng);
+            }
+            let tb = gather_targets(&task.train_t, &idx);
+            let t0 = Instant::now();
+            let out = train_step(
+                model.as_ref(),
+                task.loss,
+                &mut params,
+                opt.as_mut(),
+                &xb,
+                &tb,
+                &mut loop_rng,
+            );
+            seconds += t0.elapsed().as_secs_f64();
+            step += 1;
+            match out {
+                Ok(o) => {
+                    progress.update(step, o.loss);
+                    for n in o.report.notes {
+                        if !n.starts_with("update KL-clipped") && !notes.contains(&n) {
+                            notes.push(n);
+                        }
+                    }
+                }
+                Err(e) => {
+                    progress.finish();
+                    return Ok(RunResult {
+                        curves,
+                        stopped: Some(format!("step {step}: {e}")),
+                        notes,
+                    });
+                }
+            }
+            let due = epoch % spec.eval_every.max(1) == 0 || epoch == spec.epochs;
+            if due && eval_at.contains(&(b + 1)) {
+                curves
+                    .points
+                    .push(evaluate_point(&params, epoch, step, seconds));
+            }
+        }
+        // Consume the end-of-epoch marker so the next epoch starts afresh.
+        let _ = batches.next_batch();
+    }
+    progress.finish();
+    Ok(RunResult {
+        curves,
+        stopped: None,
+        notes,
+    })
+}
+
+/// A learning-rate sweep: each candidate trains for `spec.epochs`; the one with the lowest
+/// final training loss wins (a run that stops early loses).
+pub fn sweep(
+    task: &Task,
+    model_fn: ModelFn<'_>,
+    optim_fn: OptimFn<'_>,
+    spec: &RunSpec,
+    grid: &[f32],
+) -> Result<(f32, String), String> {
+    let mut best = (grid[0], f32::INFINITY);
+    let mut log = String::new();
+    for &lr in grid {
+        let r = run(task, model_fn, optim_fn, &RunSpec { lr, ..spec.clone() })?;
+        let fin = if r.stopped.is_some() {
+            f32::INFINITY
+        } else {
+            r.curves
+                .final_loss(spec.optimizer.name())
+                .unwrap_or(f32::INFINITY)
+        };
+        log.push_str(&format!(
+            "  {:<5} lr {lr:.3e}: final train loss {fin:.5}\n",
+            spec.optimizer.name()
+        ));
+        if fin < best.1 {
+            best = (lr, fin);
+        }
+    }
+    Ok((best.0, log))
+}
+
+/// Several optimizers on one task, and the time each takes to reach a common target.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    /// Every run's curves.
+    pub curves: Curves,
+    /// The optimizers with their learning rates, in run order.
+    pub lrs: Vec<(String, f32)>,
+    /// The target: the final training loss of the best first-order run.
+    pub target: f32,
+    /// That run's optimizer.
+    pub baseline: String,
+    /// Runs that stopped early, with the reason.
+    pub stopped: Vec<String>,
+}
+
+impl Comparison {
+    /// The time-to-target table (without the seconds columns for snapshots).
+    pub fn table(&self, seconds: bool) -> String {
+        time_to_target(
+            &self.curves,
+            &self.lrs,
+            self.target,
+            &self.baseline,
+            seconds,
+        )
+    }
+}
+
+/// Runs each optimizer with its learning rate; the target is the final training loss of the
+/// best first-order run.
+pub fn compare(
+    task: &Task,
+    model_fn: ModelFn<'_>,
+    optim_fn: OptimFn<'_>,
+    spec: &RunSpec,
+    lrs: &[(OptimizerKind, f32)],
+) -> Result<Comparison, String> {
+    let mut curves = Curves::default();
+    let mut stopped = Vec::new();
+    for &(kind, lr) in lrs {
+        let r = run(
+            task,
+            model_fn,
+            optim_fn,
+            &RunSpec {
+                optimizer: kind,
+                lr,
+                ..spec.clone()
+            },
+        )?;
+        if let Some(why) = r.stopped {
+            stopped.push(format!("{}: {why}", kind.name()));
+        }
+        curves.points.extend(r.curves.points);
+    }
+    let (baseline, target) = lrs
+        .iter()
+        .filter(|(k, _)| k.first_order())
+        .filter_map(|(k, _)| curves.final_loss(k.name()).map(|l| (k.name(), l)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .ok_or("no first-order run to set the target")?;
+    Ok(Comparison {
+        lrs: lrs
+            .iter()
+            .map(|(k, l)| (k.name().to_string(), *l))
+            .collect(),
+        target,
+        baseline: baseline.to_string(),
+        curves,
+        stopped,
+    })
+}
+
+/// The default path of an example's CSV.
+pub fn default_csv(example: &str) -> PathBuf {
+    PathBuf::from("out").join(format!("{example}.csv"))
+}
