@@ -1,0 +1,370 @@
+//! Every `{{#include}}` and `{{#rustdoc_include}}` in the book names a file that exists and, where
+//! it names an anchor or a line range, an anchor the file defines or lines the file has; every
+//! chapter listed in `SUMMARY.md` exists and is not empty.
+//!
+//! mdBook itself includes nothing (and says nothing) for an anchor it cannot find, so without
+//! this check a renamed anchor silently empties a code block of the book.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// What an include takes from its file.
+#[derive(Debug, PartialEq)]
+enum Part {
+    /// The whole file.
+    All,
+    /// Lines from `start` (1-based), if given, to `end` (inclusive), if given.
+    Lines {
+        start: Option<usize>,
+        end: Option<usize>,
+    },
+    /// The lines between `ANCHOR: name` and `ANCHOR_END: name`.
+    Anchor(String),
+}
+
+/// One include directive found in a chapter.
+#[derive(Debug, PartialEq)]
+struct Include {
+    kind: String,
+    path: String,
+    part: Part,
+    line: usize,
+}
+
+/// Parses `path`, `path:anchor`, `path:N`, `path:N:M`, `path:N:` or `path::M` as mdBook does.
+fn parse_target(target: &str) -> (String, Part) {
+    let (path, rest) = match target.split_once(':') {
+        Some((p, r)) => (p, Some(r)),
+        None => (target, None),
+    };
+    let part = match rest {
+        None | Some("") => Part::All,
+        Some(rest) => {
+            let mut it = rest.splitn(2, ':');
+            let first = it.next().unwrap_or("");
+            let second = it.next();
+            match first.parse::<usize>() {
+                Ok(start) => Part::Lines {
+                    start: Some(start),
+                    // `N` alone is one line; `N:` runs to the end.
+                    end: match second {
+                        None => Some(start),
+                        Some(s) => s.parse().ok(),
+                    },
+                },
+                Err(_) if first.is_empty() => Part::Lines {
+                    start: None,
+                    end: second.and_then(|s| s.parse().ok()),
+                },
+                Err(_) => Part::Anchor(first.to_string()),
+            }
+        }
+    };
+    (path.to_string(), part)
+}
+
+/// The include directives of a chapter's text, skipping escaped ones (`\{{#include ..}}`).
+fn find_includes(text: &str) -> Vec<Include> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    let mut offset = 0;
+    while let Some(pos) = rest.find("{{") {
+        let abs = offset + pos;
+        let after = &rest[pos + 2..];
+        let close = after.find("}}");
+        let escaped = text[..abs].ends_with('\\');
+        let advance = pos + 2 + close.map_or(0, |c| c + 2);
+        if let (Some(close), false) = (close, escaped) {
+            let inner = after[..close].trim_start();
+            if let Some(directive) = inner.strip_prefix('#')
+                && !after[..close].contains('}')
+            {
+                let mut words = directive.split_whitespace();
+                let kind = words.next().unwrap_or("");
+                if let ("include" | "rustdoc_include", Some(target)) = (kind, words.next()) {
+                    let (path, part) = parse_target(target);
+                    found.push(Include {
+                        kind: kind.to_string(),
+                        path,
+                        part,
+                        line: text[..abs].matches('\n').count() + 1,
+                    });
+                }
+            }
+        }
+        offset += advance;
+        rest = &rest[advance..];
+    }
+    found
+}
+
+/// The name a line defines after `marker` (`ANCHOR:` or `ANCHOR_END:`), as mdBook reads it.
+fn anchor_name<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    let at = line.find(marker)?;
+    let name = line[at + marker.len()..].trim_start();
+    let end = name
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
+        .unwrap_or(name.len());
+    (end > 0).then(|| &name[..end])
+}
+
+/// What is wrong with one include of a file with contents `file` (`None` when all is well).
+fn check_part(file: &str, part: &Part) -> Option<String> {
+    let lines: Vec<&str> = file.lines().collect();
+    match part {
+        Part::All => None,
+        Part::Lines { start, end } => {
+            let n = lines.len();
+            match (start, end) {
+                (Some(0), _) => Some("line numbers start at 1".into()),
+                (Some(s), _) if *s > n => Some(format!("starts at line {s}, the file has {n}")),
+                (Some(s), Some(e)) if e < s => Some(format!("range {s}:{e} is empty")),
+                (_, Some(e)) if *e > n => Some(format!("ends at line {e}, the file has {n}")),
+                _ => None,
+            }
+        }
+        Part::Anchor(name) => {
+            let start = lines.iter().position(|l| {
+                !l.contains("ANCHOR_END:") && anchor_name(l, "ANCHOR:") == Some(name)
+            });
+            let Some(start) = start else {
+                return Some(format!("no `ANCHOR: {name}` in the file"));
+            };
+            let end = lines[start + 1..]
+                .iter()
+                .position(|l| anchor_name(l, "ANCHOR_END:") == Some(name));
+            match end {
+                None => Some(format!(
+                    "`ANCHOR: {name}` has no `ANCHOR_END: {name}` after it"
+                )),
+                Some(0) => Some(format!("anchor `{name}` encloses nothing")),
+                Some(_) => None,
+            }
+        }
+    }
+}
+
+/// All `.md` files under `dir`, sorted.
+fn markdown_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap_or_else(|e| panic!("reading {}: {e}", d.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "md") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every problem with the includes of the chapters under `src`, one line each.
+fn check_includes(src: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    for md in markdown_files(src) {
+        let text = fs::read_to_string(&md).unwrap();
+        let dir = md.parent().unwrap();
+        for inc in find_includes(&text) {
+            let at = format!(
+                "{}:{}: {{{{#{} {}}}}}",
+                md.display(),
+                inc.line,
+                inc.kind,
+                inc.path
+            );
+            let target = dir.join(&inc.path);
+            match fs::read_to_string(&target) {
+                Err(e) => problems.push(format!("{at}: cannot read {}: {e}", target.display())),
+                Ok(file) => {
+                    if let Some(p) = check_part(&file, &inc.part) {
+                        problems.push(format!("{at}: {p}"));
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// The chapter files `SUMMARY.md` links to (`[title](path.md)`), skipping draft entries `()`.
+fn summary_links(summary: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in summary.lines() {
+        let mut rest = line;
+        while let Some(open) = rest.find("](") {
+            let after = &rest[open + 2..];
+            let Some(close) = after.find(')') else { break };
+            let target = after[..close].trim();
+            let target = target.split('#').next().unwrap_or("");
+            if !target.is_empty() {
+                out.push(target.to_string());
+            }
+            rest = &after[close..];
+        }
+    }
+    out
+}
+
+/// Every problem with `SUMMARY.md`: draft (unlinked) entries, missing or empty chapters.
+fn check_summary(src: &Path) -> Vec<String> {
+    let summary_path = src.join("SUMMARY.md");
+    let summary = match fs::read_to_string(&summary_path) {
+        Ok(s) => s,
+        Err(e) => return vec![format!("{}: {e}", summary_path.display())],
+    };
+    let mut problems = Vec::new();
+    for (i, line) in summary.lines().enumerate() {
+        if line.contains("]()") {
+            problems.push(format!(
+                "{}:{}: a draft chapter (no file): {}",
+                summary_path.display(),
+                i + 1,
+                line.trim()
+            ));
+        }
+    }
+    for link in summary_links(&summary) {
+        let path = src.join(&link);
+        match fs::read_to_string(&path) {
+            Err(e) => problems.push(format!("SUMMARY.md links {link}: {e}")),
+            Ok(text) if text.lines().filter(|l| !l.trim().is_empty()).count() < 2 => {
+                problems.push(format!("SUMMARY.md links {link}, which has no content"))
+            }
+            Ok(_) => {}
+        }
+    }
+    problems
+}
+
+fn book_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../book/src")
+}
+
+#[test]
+fn every_include_names_an_existing_file_and_anchor() {
+    let src = book_src();
+    let found: usize = markdown_files(&src)
+        .iter()
+        .map(|md| find_includes(&fs::read_to_string(md).unwrap()).len())
+        .sum();
+    assert!(
+        found > 0,
+        "no includes found under {}: is the scanner broken?",
+        src.display()
+    );
+    let problems = check_includes(&src);
+    assert!(
+        problems.is_empty(),
+        "broken includes:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn every_chapter_in_the_summary_exists() {
+    let src = book_src();
+    assert!(summary_links(&fs::read_to_string(src.join("SUMMARY.md")).unwrap()).len() >= 2);
+    let problems = check_summary(&src);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn parses_the_forms_mdbook_accepts() {
+    let text = "a {{#include ../snippets/x.rs:train}} b\n\
+                {{ #rustdoc_include ../../examples/y.rs:12:20 }}\n\
+                {{#include z.rs}} {{#include z.rs:3}} {{#include z.rs:3:}} {{#include z.rs::9}}\n\
+                \\{{#include escaped.rs:nope}}\n\
+                {{#title Not an include}} {{#playground p.rs}}\n";
+    let got = find_includes(text);
+    let summary: Vec<(&str, &str, &Part, usize)> = got
+        .iter()
+        .map(|i| (i.kind.as_str(), i.path.as_str(), &i.part, i.line))
+        .collect();
+    let lines = |start, end| Part::Lines { start, end };
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "include",
+                "../snippets/x.rs",
+                &Part::Anchor("train".into()),
+                1
+            ),
+            (
+                "rustdoc_include",
+                "../../examples/y.rs",
+                &lines(Some(12), Some(20)),
+                2
+            ),
+            ("include", "z.rs", &Part::All, 3),
+            ("include", "z.rs", &lines(Some(3), Some(3)), 3),
+            ("include", "z.rs", &lines(Some(3), None), 3),
+            ("include", "z.rs", &lines(None, Some(9)), 3),
+        ]
+    );
+}
+
+#[test]
+fn the_check_fails_on_a_broken_book() {
+    let dir = std::env::temp_dir().join(format!("kron-book-links-{}", std::process::id()));
+    let src = dir.join("src");
+    fs::create_dir_all(src.join("part")).unwrap();
+    fs::write(
+        dir.join("code.rs"),
+        "// ANCHOR: good\nfn good() {}\n// ANCHOR_END: good\n\
+         // ANCHOR: open\nfn open() {}\n\
+         // ANCHOR: empty\n// ANCHOR_END: empty\n\
+         // ANCHOR: goodness\n// ANCHOR_END: goodness\n",
+    )
+    .unwrap();
+    fs::write(
+        src.join("part/chapter.md"),
+        "{{#include ../../code.rs:good}}\n\
+         {{#include ../../code.rs:missing}}\n\
+         {{#include ../../code.rs:open}}\n\
+         {{#include ../../code.rs:empty}}\n\
+         {{#include ../../code.rs:good_}}\n\
+         {{#rustdoc_include ../../nowhere.rs:good}}\n\
+         {{#include ../../code.rs:2:4}}\n\
+         {{#include ../../code.rs:40}}\n\
+         {{#include ../../code.rs:0}}\n\
+         {{#include ../../code.rs::99}}\n\
+         \\{{#include ../../nowhere.rs}}\n",
+    )
+    .unwrap();
+    fs::write(
+        src.join("SUMMARY.md"),
+        "# Summary\n\n- [Chapter](part/chapter.md)\n- [Gone](gone.md)\n- [Later]()\n",
+    )
+    .unwrap();
+
+    let problems = check_includes(&src);
+    let expect = [
+        (2, "no `ANCHOR: missing`"),
+        (3, "`ANCHOR: open` has no `ANCHOR_END: open`"),
+        (4, "anchor `empty` encloses nothing"),
+        (5, "no `ANCHOR: good_`"),
+        (6, "cannot read"),
+        (8, "starts at line 40, the file has 9"),
+        (9, "line numbers start at 1"),
+        (10, "ends at line 99, the file has 9"),
+    ];
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    for (p, (line, what)) in problems.iter().zip(expect) {
+        assert!(
+            p.contains(&format!("chapter.md:{line}:")) && p.contains(what),
+            "expected line {line} to report {what:?}, got {p}"
+        );
+    }
+
+    let summary = check_summary(&src);
+    assert_eq!(summary.len(), 2, "{summary:#?}");
+    assert!(summary[0].contains("draft chapter"), "{}", summary[0]);
+    assert!(summary[1].contains("gone.md"), "{}", summary[1]);
+
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,204 @@
+//! Runs the code the book shows and checks that it computes what the text says, against
+//! brute-force computations written out here element by element.
+
+#[path = "../../book/snippets/tape.rs"]
+mod tape;
+
+use kron_autodiff::{LayerCapture, Tensor};
+
+/// `(1/scale) sum_r v_r v_r^T` over the rows of `rows`, each with a 1 appended when `ones`.
+fn outer_mean(rows: &Tensor, ones: bool, scale: f64) -> Vec<f64> {
+    let (n, d) = rows.dims2();
+    let m = d + usize::from(ones);
+    let mut out = vec![0.0f64; m * m];
+    for r in 0..n {
+        let mut v: Vec<f64> = rows.data()[r * d..(r + 1) * d]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        if ones {
+            v.push(1.0);
+        }
+        for i in 0..m {
+            for j in 0..m {
+                out[i * m + j] += v[i] * v[j] / scale;
+            }
+        }
+    }
+    out
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (k, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= tol * (1.0 + w.abs()),
+            "{what}, element {k}: got {g}, want {w} (|diff| {err})"
+        );
+    }
+}
+
+fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.data().iter().map(|&x| x as f64).collect()
+}
+
+/// `[dW | db]` from the tape's parameter gradients, for comparison with `weight_grad`.
+fn w_aug(w: &Tensor, b: &Tensor) -> Vec<f64> {
+    let out = b.numel();
+    let d = w.numel() / out;
+    let mut v = Vec::with_capacity(out * (d + 1));
+    for o in 0..out {
+        v.extend(w.data()[o * d..(o + 1) * d].iter().map(|&x| x as f64));
+        v.push(b.data()[o] as f64);
+    }
+    v
+}
+
+#[test]
+fn reverse_mode_matches_the_chain_rule() {
+    let (y, grad, nodes) = tape::reverse_mode();
+    assert_eq!(nodes, 6, "x, w, matmul, tanh, square, mean");
+    let x = [[1.0f64, 2.0, 3.0], [-1.0, 0.5, 2.0]];
+    let w = [0.5f64, -1.0, 0.25];
+    let mut loss = 0.0;
+    let mut dw = [0.0f64; 3];
+    for row in &x {
+        let z: f64 = row.iter().zip(&w).map(|(a, b)| a * b).sum();
+        let t = z.tanh();
+        loss += t * t / 2.0;
+        for j in 0..3 {
+            // d/dw_j of tanh(z)^2 / 2 = tanh(z) (1 - tanh(z)^2) x_j
+            dw[j] += t * (1.0 - t * t) * row[j];
+        }
+    }
+    assert_close("loss", &[y], &[loss], 1e-6);
+    assert_eq!(grad.shape(), &[3, 1]);
+    assert_close("dL/dw", grad.data(), &dw, 1e-5);
+}
+
+#[test]
+fn dense_capture_scales_g_to_per_example_gradients() {
+    let run = tape::dense_capture();
+    assert!(run.loss.is_finite() && run.loss > 0.0);
+    let cap = run.grads.capture(run.mlp.fc2).unwrap();
+    assert_eq!((cap.batch, cap.locations, cap.has_bias), (8, 1, true));
+
+    // Each row of the captured g is the gradient of that example's own loss, found by brute force.
+    let per_example = tape::per_example_g(&run);
+    assert_eq!(per_example.len(), 8);
+    for (i, gi) in per_example.iter().enumerate() {
+        assert_eq!(gi.shape(), &[1, 3]);
+        assert_close(
+            &format!("g row {i}"),
+            &cap.g.data()[i * 3..(i + 1) * 3],
+            &to_f64(gi),
+            1e-5,
+        );
+    }
+
+    // A and G are the batch means of the outer products, with a 1 appended to each a.
+    assert_close(
+        "A",
+        cap.a_factor().data(),
+        &outer_mean(&cap.a, true, 8.0),
+        1e-5,
+    );
+    let g_rows = Tensor::from_vec(
+        per_example.iter().flat_map(|g| g.data().to_vec()).collect(),
+        &[8, 3],
+    );
+    assert_close(
+        "G",
+        cap.g_factor().data(),
+        &outer_mean(&g_rows, false, 8.0),
+        1e-5,
+    );
+}
+
+#[test]
+fn captures_recompute_the_tape_gradients() {
+    let run = tape::dense_capture();
+    let g = &run.grads;
+    for (layer, w, b) in [
+        (run.mlp.fc1, run.mlp.w1, run.mlp.b1),
+        (run.mlp.fc2, run.mlp.w2, run.mlp.b2),
+    ] {
+        let cap: &LayerCapture = g.capture(layer).unwrap();
+        let want = w_aug(g.get(w).unwrap(), g.get(b).unwrap());
+        assert_close("weight_grad", cap.weight_grad().data(), &want, 1e-5);
+    }
+}
+
+#[test]
+fn one_example_fisher_is_exactly_g_kron_a() {
+    let run = tape::dense_capture();
+    let (brute, kfac) = tape::one_example_fisher(&run);
+    assert_eq!(brute.shape(), &[18, 18], "3 outputs x (5 inputs + 1)");
+    assert_eq!(kfac.shape(), brute.shape());
+    assert_close("v v^T vs G ⊗ A", kfac.data(), &to_f64(&brute), 1e-5);
+}
+
+#[test]
+fn kron_is_the_kronecker_product() {
+    // I_2 ⊗ [1 2] is block diagonal; [1 2] ⊗ I_2 interleaves.
+    let eye = Tensor::eye(2);
+    let row = Tensor::from_vec(vec![1.0, 2.0], &[1, 2]);
+    assert_eq!(
+        tape::kron(&eye, &row).data(),
+        &[1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0]
+    );
+    assert_eq!(
+        tape::kron(&row, &eye).data(),
+        &[1.0, 0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 2.0]
+    );
+}
+
+#[test]
+fn conv_capture_follows_kfc_conventions() {
+    let run = tape::conv_capture();
+    let cap = run.grads.capture(run.layer).unwrap();
+    let (b, t) = (cap.batch as f64, cap.locations as f64);
+    // Omega sums over locations (divides by B only); Gamma averages (divides by B |T|).
+    assert_close(
+        "Omega",
+        cap.a_factor().data(),
+        &outer_mean(&cap.a, true, b),
+        1e-4,
+    );
+    assert_close(
+        "Gamma",
+        cap.g_factor().data(),
+        &outer_mean(&cap.g, false, b * t),
+        1e-4,
+    );
+    // (1/B) sum over examples and locations of g_it a_aug_it^T is the tape's [dW | db].
+    let want = w_aug(
+        run.grads.get(run.weight).unwrap(),
+        run.grads.get(run.bias).unwrap(),
+    );
+    assert_close("conv weight_grad", cap.weight_grad().data(), &want, 1e-5);
+}
+
+#[test]
+fn sampled_fisher_of_a_gaussian_model_is_the_identity() {
+    let run = tape::true_fisher();
+    assert_eq!(
+        run.nodes_after,
+        run.nodes_before + 1,
+        "the sampled loss is one node"
+    );
+    assert_eq!(run.g_true.shape(), &[3, 3]);
+    let eye = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+    // 4096 draws: each entry is within a few standard errors (about 0.016 to 0.022) of I.
+    for (k, (&g, e)) in run.g_true.data().iter().zip(eye).enumerate() {
+        assert!((g - e).abs() < 0.1, "G[{k}] = {g}, expected about {e}");
+    }
+    // The empirical Fisher uses the training targets, which this model does not fit: its G is
+    // the second moment of the residuals, nowhere near I.
+    for i in 0..3 {
+        let d = run.g_empirical.data()[i * 3 + i];
+        assert!(d > 3.0, "empirical G[{i},{i}] = {d}");
+    }
+}
