@@ -61,6 +61,7 @@ pub const EXAMPLE: Example = Example {
     model,
     kfac: KfacConfig {
         inverse_period: 10,
+        damping: 0.1,
         ..crate::KFAC_DEFAULT
     },
     lrs: [

@@ -40,6 +40,8 @@ pub struct Config {
     pub sweep: bool,
     /// `--backend cpu|wgpu`: where KFAC's matrix math runs.
     pub backend: BackendKind,
+    /// `--damping`: KFAC's damping λ (default: the example's).
+    pub damping: Option<f32>,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             compare: false,
             sweep: false,
             backend: BackendKind::Cpu,
+            damping: None,
         }
     }
 }
@@ -74,6 +77,7 @@ pub const USAGE: &str = "flags:
   --compare                   run every optimizer; print the time-to-target table
   --sweep                     tune each optimizer's learning rate first (implies --compare)
   --backend cpu|wgpu          where KFAC's matrix math runs (wgpu needs --features wgpu)
+  --damping X                 KFAC's damping (default: the example's)
   --quiet                     no progress bar
   --help                      this text";
 
@@ -108,6 +112,7 @@ impl Config {
                 .map(|s| s.parse().map_err(CliError))
                 .transpose()?
                 .unwrap_or(BackendKind::Cpu),
+            damping: f.get("damping")?,
         };
         f.finish()?;
         Ok(c)
@@ -193,7 +198,11 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     let sizes = if cfg.fast { ex.fast } else { ex.sizes };
     let task = (ex.task)(cfg, &sizes)?;
     let model_fn = |p: &mut ParamStore, r: &mut Rng| (ex.model)(&task, p, r);
-    let optim = default_optimizer(ex.kfac);
+    let kfac = match cfg.damping {
+        Some(d) => ex.kfac.with_damping(d),
+        None => ex.kfac,
+    };
+    let optim = default_optimizer(kfac);
     let spec = RunSpec {
         optimizer: cfg.optimizer,
         lr: 0.0,

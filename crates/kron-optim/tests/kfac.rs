@@ -15,7 +15,9 @@ use kron_optim::{
 fn solve(mut m: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
     let n = b.len();
     for c in 0..n {
-        let p = (c..n).max_by(|&i, &j| m[i][c].abs().total_cmp(&m[j][c].abs())).unwrap();
+        let p = (c..n)
+            .max_by(|&i, &j| m[i][c].abs().total_cmp(&m[j][c].abs()))
+            .unwrap();
         m.swap(c, p);
         b.swap(c, p);
         for r in c + 1..n {
@@ -36,7 +38,9 @@ fn solve(mut m: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
 
 fn mat64(t: &Tensor) -> Vec<Vec<f64>> {
     let (r, c) = t.dims2();
-    (0..r).map(|i| (0..c).map(|j| t.data()[i * c + j] as f64).collect()).collect()
+    (0..r)
+        .map(|i| (0..c).map(|j| t.data()[i * c + j] as f64).collect())
+        .collect()
 }
 
 /// `kron(x, y)` of square matrices.
@@ -85,7 +89,12 @@ fn convnet(seed: u64) -> Net {
     let mut store = ParamStore::new();
     let mut rng = Rng::new(seed);
     let model = Sequential::new()
-        .push(Conv2dConfig::new(2, 3, 3).with_padding(1).with_stride(2).build(&mut store, "c", &mut rng))
+        .push(
+            Conv2dConfig::new(2, 3, 3)
+                .with_padding(1)
+                .with_stride(2)
+                .build(&mut store, "c", &mut rng),
+        )
         .push(Activation::Relu)
         .push(Flatten)
         .push(Dense::new(&mut store, "fc", 3 * 3 * 3, 2, &mut rng));
@@ -109,10 +118,17 @@ fn empirical(cfg: KfacConfig) -> KfacConfig {
 fn factors_equal_their_definitions_dense_and_conv() {
     for (net, x) in [
         (mlp(1), Tensor::randn(&[5, 3], 0.0, 1.0, &mut Rng::new(2))),
-        (convnet(1), Tensor::randn(&[4, 2, 5, 6], 0.0, 1.0, &mut Rng::new(2))),
+        (
+            convnet(1),
+            Tensor::randn(&[4, 2, 5, 6], 0.0, 1.0, &mut Rng::new(2)),
+        ),
     ] {
         let mut net = net;
-        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_conv_stats_period(1));
+        let mut kfac = Kfac::new(
+            &net.model,
+            &net.store,
+            empirical(KfacConfig::default()).with_conv_stats_period(1),
+        );
         let y: Vec<usize> = (0..x.dim(0)).map(|i| i % 2).collect();
         let (g, caps) = backward(&net, &kfac, &x, &y);
         kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -124,7 +140,10 @@ fn factors_equal_their_definitions_dense_and_conv() {
             let n = d + 1;
             let mut bf = vec![0.0f64; n * n];
             for r in 0..rows {
-                let mut v: Vec<f64> = cap.a.data()[r * d..(r + 1) * d].iter().map(|&x| x as f64).collect();
+                let mut v: Vec<f64> = cap.a.data()[r * d..(r + 1) * d]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
                 v.push(1.0);
                 for i in 0..n {
                     for j in 0..n {
@@ -133,7 +152,11 @@ fn factors_equal_their_definitions_dense_and_conv() {
                 }
             }
             for (k, (&got, want)) in a.data().iter().zip(&bf).enumerate() {
-                assert!((got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{} A[{k}]: {got} vs {want}", b.path);
+                assert!(
+                    (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{} A[{k}]: {got} vs {want}",
+                    b.path
+                );
             }
             let (_, o) = cap.g.dims2();
             let mut bg = vec![0.0f64; o * o];
@@ -141,12 +164,17 @@ fn factors_equal_their_definitions_dense_and_conv() {
                 let v = &cap.g.data()[r * o..(r + 1) * o];
                 for i in 0..o {
                     for j in 0..o {
-                        bg[i * o + j] += v[i] as f64 * v[j] as f64 / (cap.batch * cap.locations) as f64;
+                        bg[i * o + j] +=
+                            v[i] as f64 * v[j] as f64 / (cap.batch * cap.locations) as f64;
                     }
                 }
             }
             for (k, (&got, want)) in gf.data().iter().zip(&bg).enumerate() {
-                assert!((got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{} G[{k}]: {got} vs {want}", b.path);
+                assert!(
+                    (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{} G[{k}]: {got} vs {want}",
+                    b.path
+                );
             }
         }
     }
@@ -185,7 +213,8 @@ fn preconditioned_update_equals_dense_solve_with_the_damped_kronecker_product() 
                 let k = match method {
                     InverseMethod::Eigen(EigenDamping::Tikhonov) => add_diag(kron(&gf, &a), lambda),
                     _ => {
-                        let pi = ((trace(&a) / a.len() as f64) / (trace(&gf) / gf.len() as f64)).sqrt();
+                        let pi =
+                            ((trace(&a) / a.len() as f64) / (trace(&gf) / gf.len() as f64)).sqrt();
                         kron(
                             &add_diag(gf.clone(), lambda.sqrt() / pi),
                             &add_diag(a.clone(), pi * lambda.sqrt()),
@@ -211,9 +240,16 @@ fn inverse_and_factored_eigenbasis_paths_agree() {
     let x = Tensor::randn(&[8, 3], 0.0, 1.0, &mut Rng::new(5));
     let y: Vec<usize> = (0..8).map(|i| i % 2).collect();
     let mut outs = vec![];
-    for method in [InverseMethod::Inverse, InverseMethod::Eigen(EigenDamping::Factored)] {
+    for method in [
+        InverseMethod::Inverse,
+        InverseMethod::Eigen(EigenDamping::Factored),
+    ] {
         let mut net = mlp(6);
-        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_method(method));
+        let mut kfac = Kfac::new(
+            &net.model,
+            &net.store,
+            empirical(KfacConfig::default()).with_method(method),
+        );
         for _ in 0..3 {
             let (g, caps) = backward(&net, &kfac, &x, &y);
             kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -238,7 +274,9 @@ fn kfac_on_one_linear_layer_with_squared_loss_is_the_natural_gradient() {
     let x = Tensor::randn(&[b, 4], 0.5, 1.0, &mut rng);
     let t = Tensor::randn(&[b, 3], 0.0, 1.0, &mut rng);
     let lambda = 1e-6f32;
-    let cfg = KfacConfig::default().with_damping(lambda).with_kl_clip(None);
+    let cfg = KfacConfig::default()
+        .with_damping(lambda)
+        .with_kl_clip(None);
     let mut kfac = Kfac::new(&model, &store, cfg);
     let mut loop_rng = Rng::new(12);
     // One step through the real training-step machinery (sampled labels, second backward).
@@ -248,7 +286,9 @@ fn kfac_on_one_linear_layer_with_squared_loss_is_the_natural_gradient() {
         let l = y.squared_error(&t);
         let g = tape.backward(l);
         let sampled = LossKind::SquaredError.sample(&y.value(), &mut loop_rng);
-        let Targets::Values(s) = &sampled else { unreachable!() };
+        let Targets::Values(s) = &sampled else {
+            unreachable!()
+        };
         let caps = tape.backward(y.squared_error(s)).take_captures();
         (g, caps)
     };
@@ -262,12 +302,20 @@ fn kfac_on_one_linear_layer_with_squared_loss_is_the_natural_gradient() {
     assert!(g.max_abs_diff(&Tensor::eye(3)) < 0.05, "G = {g:?}");
     // Exact natural gradient from the analytic Fisher kron(I, A).
     let a64 = mat64(&a);
-    let eye: Vec<Vec<f64>> = (0..3).map(|i| (0..3).map(|j| f64::from(u8::from(i == j))).collect()).collect();
+    let eye: Vec<Vec<f64>> = (0..3)
+        .map(|i| (0..3).map(|j| f64::from(u8::from(i == j))).collect())
+        .collect();
     let f = add_diag(kron(&eye, &a64), lambda as f64);
     let nat = solve(f, v.data().iter().map(|&x| x as f64).collect());
     let u = kfac.precondition("lin", &v).unwrap();
     let norm = nat.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let err = u.data().iter().zip(&nat).map(|(&p, q)| (p as f64 - q).powi(2)).sum::<f64>().sqrt();
+    let err = u
+        .data()
+        .iter()
+        .zip(&nat)
+        .map(|(&p, q)| (p as f64 - q).powi(2))
+        .sum::<f64>()
+        .sqrt();
     assert!(err < 0.05 * norm, "relative error {}", err / norm);
 }
 
@@ -286,7 +334,13 @@ fn f32_and_f64_statistics_agree() {
     let mut outs = vec![];
     for p in [Precision::F32, Precision::F64] {
         let mut net = mlp(8);
-        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_precision(p).with_inverse_period(2));
+        let mut kfac = Kfac::new(
+            &net.model,
+            &net.store,
+            empirical(KfacConfig::default())
+                .with_precision(p)
+                .with_inverse_period(2),
+        );
         for _ in 0..5 {
             let (g, caps) = backward(&net, &kfac, &x, &y);
             kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -310,7 +364,10 @@ fn non_finite_gradients_are_refused_and_non_finite_captures_skipped() {
     // NaN gradient: Err, nothing changes.
     let mut gbad: Vec<Option<Tensor>> = net.store.ids().map(|id| g.get(id).cloned()).collect();
     gbad[0].as_mut().unwrap().data_mut()[0] = f32::NAN;
-    assert!(kfac.step(&mut net.store, &Gradients::from_params(gbad), &caps).is_err());
+    assert!(
+        kfac.step(&mut net.store, &Gradients::from_params(gbad), &caps)
+            .is_err()
+    );
     assert_eq!(net.store, p0);
     assert_eq!(kfac.state(), s0);
     // Non-finite capture: that block's statistics are skipped, the report says so, step is Ok.
@@ -319,7 +376,11 @@ fn non_finite_gradients_are_refused_and_non_finite_captures_skipped() {
     caps2.get_mut(&first).unwrap().a.data_mut()[0] = f32::INFINITY;
     let (fa, _) = kfac.factors("0").unwrap();
     let report = kfac.step(&mut net.store, &g, &caps2).unwrap();
-    assert!(report.notes.iter().any(|n| n.starts_with("0: non-finite")), "{:?}", report.notes);
+    assert!(
+        report.notes.iter().any(|n| n.starts_with("0: non-finite")),
+        "{:?}",
+        report.notes
+    );
     assert_eq!(kfac.factors("0").unwrap().0, fa);
     assert!(net.store.iter().all(|(_, _, t)| t.all_finite()));
 }
@@ -404,27 +465,46 @@ fn failed_refresh_keeps_fallback_then_retries_with_more_damping() {
         asked: Mutex::new(vec![]),
     });
     let flaky: *const Flaky = &*be;
-    let cfg = empirical(KfacConfig::default()).with_inverse_period(1).with_momentum(0.0);
+    let cfg = empirical(KfacConfig::default())
+        .with_inverse_period(1)
+        .with_momentum(0.0);
     let mut kfac = Kfac::with_backend(model.fisher_blocks(), &store, cfg, be);
-    let net = Net { store: store.clone(), model };
+    let net = Net {
+        store: store.clone(),
+        model,
+    };
     let x = Tensor::randn(&[6, 3], 0.0, 1.0, &mut rng);
     let y = vec![0, 1, 1, 0, 1, 0];
     let (g, caps) = backward(&net, &kfac, &x, &y);
     // First refresh fails: the block falls back to SGD on the raw gradient.
     let before = store.clone();
     let r = kfac.step(&mut store, &g, &caps).unwrap();
-    assert!(r.notes.iter().any(|n| n.contains("refresh failed") && n.contains("first-order fallback")), "{:?}", r.notes);
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("refresh failed") && n.contains("first-order fallback")),
+        "{:?}",
+        r.notes
+    );
     let w = model_weight(&net);
     let sgd = before.get(w).sub(&g.get(w).unwrap().scale(0.1));
     assert!(store.get(w).max_abs_diff(&sgd) < 1e-6);
     // Second refresh succeeds at ten times the damping and says so; the third is back to normal.
     let r2 = kfac.step(&mut store, &g, &caps).unwrap();
-    assert!(r2.notes.iter().any(|n| n.contains("refresh succeeded")), "{:?}", r2.notes);
+    assert!(
+        r2.notes.iter().any(|n| n.contains("refresh succeeded")),
+        "{:?}",
+        r2.notes
+    );
     kfac.step(&mut store, &g, &caps).unwrap();
     // SAFETY: the backend lives inside `kfac`, which is alive.
     let asked = unsafe { (*flaky).asked.lock().unwrap().clone() };
     // Two inverses (A then G) per refresh; the first failed at A.
-    assert!((asked[1] / asked[0] - 10.0).abs() < 1e-3 || (asked[1] / asked[0] - 10f32.sqrt()).abs() < 1e-2, "{asked:?}");
+    assert!(
+        (asked[1] / asked[0] - 10.0).abs() < 1e-3
+            || (asked[1] / asked[0] - 10f32.sqrt()).abs() < 1e-2,
+        "{asked:?}"
+    );
     assert!(asked.last().unwrap() < &asked[1]);
 }
 
@@ -437,8 +517,15 @@ fn state_round_trip_restores_everything() {
     let mut net = mlp(12);
     let x = Tensor::randn(&[6, 3], 0.0, 1.0, &mut Rng::new(1));
     let y = vec![0, 1, 1, 0, 1, 0];
-    for method in [InverseMethod::Inverse, InverseMethod::Eigen(EigenDamping::Tikhonov)] {
-        let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()).with_method(method));
+    for method in [
+        InverseMethod::Inverse,
+        InverseMethod::Eigen(EigenDamping::Tikhonov),
+    ] {
+        let mut kfac = Kfac::new(
+            &net.model,
+            &net.store,
+            empirical(KfacConfig::default()).with_method(method),
+        );
         for _ in 0..2 {
             let (g, caps) = backward(&net, &kfac, &x, &y);
             kfac.step(&mut net.store, &g, &caps).unwrap();

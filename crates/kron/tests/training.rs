@@ -27,7 +27,9 @@ fn batch(x: &Tensor, y: &[usize], s: u64) -> (Tensor, Targets) {
 }
 
 fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
-    use kron::optim::{EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt};
+    use kron::optim::{
+        EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt,
+    };
     let mut dummy = ParamStore::new();
     let blocks = model(&mut dummy, 0).fisher_blocks();
     match kind {
