@@ -16,6 +16,11 @@
 //! Most programs start with `use kron::prelude::*;`.
 
 mod checkpoint;
+
+/// The README's code, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+mod readme {}
 mod train;
 
 pub use kron_autodiff as autodiff;
