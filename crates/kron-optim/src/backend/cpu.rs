@@ -49,8 +49,20 @@ fn gemm_f32(
     // stride ldc and n columns).
     unsafe {
         matrixmultiply::sgemm(
-            m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(),
-            ldc as isize, 1,
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
         );
     }
 }
@@ -79,16 +91,40 @@ pub(crate) fn gemm_f64(
     // SAFETY: as in gemm_f32.
     unsafe {
         matrixmultiply::dgemm(
-            m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(),
-            ldc as isize, 1,
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
         );
     }
+}
+
+/// A matrix of another backend reached the CPU backend: a caller's bug.
+#[cfg(feature = "wgpu")]
+#[track_caller]
+fn foreign() -> ! {
+    panic!(
+        "CpuBackend: got a matrix that lives in a wgpu buffer; only the backend that made a \
+         matrix can read it (download it there and upload it here)"
+    )
 }
 
 fn as_f64(m: &Mat) -> Vec<f64> {
     match &m.store {
         Store::F32(t) => t.data().iter().map(|&x| x as f64).collect(),
         Store::F64(v) => v.clone(),
+        #[cfg(feature = "wgpu")]
+        Store::Gpu(_) => foreign(),
     }
 }
 
@@ -112,6 +148,8 @@ macro_rules! each_mut {
                 };
                 *$x = r;
             }),
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
     };
 }
@@ -151,6 +189,8 @@ impl CpuBackend {
                     }
                 }
             }
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
         s
     }
@@ -173,16 +213,26 @@ impl Backend for CpuBackend {
         let rows = rows.map_or(r, |k| k.min(r));
         let store = match self.precision {
             Precision::F32 if rows == r => Store::F32(t.clone()),
-            Precision::F32 => Store::F32(Tensor::from_vec(t.data()[..rows * c].to_vec(), &[rows, c])),
+            Precision::F32 => {
+                Store::F32(Tensor::from_vec(t.data()[..rows * c].to_vec(), &[rows, c]))
+            }
             Precision::F64 => Store::F64(t.data()[..rows * c].iter().map(|&x| x as f64).collect()),
         };
-        Mat { rows, cols: c, store }
+        Mat {
+            rows,
+            cols: c,
+            store,
+        }
     }
 
     fn download(&self, m: &Mat) -> Tensor {
         match &m.store {
             Store::F32(t) => t.clone(),
-            Store::F64(d) => Tensor::from_vec(d.iter().map(|&x| x as f32).collect(), &[m.rows, m.cols]),
+            Store::F64(d) => {
+                Tensor::from_vec(d.iter().map(|&x| x as f32).collect(), &[m.rows, m.cols])
+            }
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
     }
 
@@ -195,14 +245,29 @@ impl Backend for CpuBackend {
     }
 
     fn gemm(&self, alpha: f32, a: &Mat, ta: bool, b: &Mat, tb: bool) -> Mat {
-        let (m, k) = if ta { (a.cols, a.rows) } else { (a.rows, a.cols) };
-        let (k2, n) = if tb { (b.cols, b.rows) } else { (b.rows, b.cols) };
-        assert_eq!(k, k2, "Backend::gemm: inner dimensions differ: {a:?} x {b:?} (ta {ta}, tb {tb})");
+        let (m, k) = if ta {
+            (a.cols, a.rows)
+        } else {
+            (a.rows, a.cols)
+        };
+        let (k2, n) = if tb {
+            (b.cols, b.rows)
+        } else {
+            (b.rows, b.cols)
+        };
+        assert_eq!(
+            k, k2,
+            "Backend::gemm: inner dimensions differ: {a:?} x {b:?} (ta {ta}, tb {tb})"
+        );
         match (&a.store, &b.store) {
             (Store::F32(x), Store::F32(y)) => {
                 let mut c = vec![0.0f32; m * n];
                 gemm_f32(m, k, n, alpha, x.data(), ta, y.data(), tb, 0.0, &mut c, n);
-                Mat { rows: m, cols: n, store: Store::F32(Tensor::from_vec(c, &[m, n])) }
+                Mat {
+                    rows: m,
+                    cols: n,
+                    store: Store::F32(Tensor::from_vec(c, &[m, n])),
+                }
             }
             _ => {
                 let (x, y) = (as_f64(a), as_f64(b));
@@ -225,7 +290,19 @@ impl Backend for CpuBackend {
         match (&mut acc.store, &x.store) {
             (Store::F32(a), Store::F32(xs)) => {
                 let ad = a.data_mut();
-                gemm_f32(d, rows, d, scale, xs.data(), true, xs.data(), false, decay, ad, n);
+                gemm_f32(
+                    d,
+                    rows,
+                    d,
+                    scale,
+                    xs.data(),
+                    true,
+                    xs.data(),
+                    false,
+                    decay,
+                    ad,
+                    n,
+                );
                 if let Some(s) = sums {
                     for i in 0..d {
                         let v = scale * s[i] as f32;
@@ -237,7 +314,19 @@ impl Backend for CpuBackend {
             }
             (Store::F64(a), _) => {
                 let xs = as_f64(x);
-                gemm_f64(d, rows, d, scale as f64, &xs, true, &xs, false, decay as f64, a, n);
+                gemm_f64(
+                    d,
+                    rows,
+                    d,
+                    scale as f64,
+                    &xs,
+                    true,
+                    &xs,
+                    false,
+                    decay as f64,
+                    a,
+                    n,
+                );
                 if let Some(s) = sums {
                     let (sc, de) = (scale as f64, decay as f64);
                     for i in 0..d {
@@ -250,6 +339,8 @@ impl Backend for CpuBackend {
             (Store::F32(_), Store::F64(_)) => {
                 panic!("Backend::factor_ema: f32 accumulator with an f64 input")
             }
+            #[cfg(feature = "wgpu")]
+            _ => foreign(),
         }
     }
 
@@ -268,6 +359,8 @@ impl Backend for CpuBackend {
                     d[i * c + i] += v as f64;
                 }
             }
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
     }
 
@@ -291,12 +384,19 @@ impl Backend for CpuBackend {
                     *yv = a * xv + b * *yv;
                 }
             }
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
     }
 
     fn div_outer(&self, m: &mut Mat, left: &[f64], right: &[f64], add: f64) {
         let (r, c) = m.dims();
-        assert!(left.len() == r && right.len() == c, "Backend::div_outer: {m:?} vs {}x{}", left.len(), right.len());
+        assert!(
+            left.len() == r && right.len() == c,
+            "Backend::div_outer: {m:?} vs {}x{}",
+            left.len(),
+            right.len()
+        );
         match &mut m.store {
             Store::F32(t) => {
                 for (i, row) in t.data_mut().chunks_mut(c.max(1)).enumerate() {
@@ -312,6 +412,8 @@ impl Backend for CpuBackend {
                     }
                 }
             }
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
     }
 
@@ -320,15 +422,20 @@ impl Backend for CpuBackend {
         match &m.store {
             Store::F32(t) => (0..n).map(|i| t.data()[i * m.cols + i] as f64).sum(),
             Store::F64(d) => (0..n).map(|i| d[i * m.cols + i]).sum(),
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
     }
 
     fn dot(&self, a: &Mat, b: &Mat) -> f64 {
         assert_eq!(a.dims(), b.dims(), "Backend::dot: {a:?} vs {b:?}");
         match (&a.store, &b.store) {
-            (Store::F32(x), Store::F32(y)) => {
-                x.data().iter().zip(y.data()).map(|(&p, &q)| p as f64 * q as f64).sum()
-            }
+            (Store::F32(x), Store::F32(y)) => x
+                .data()
+                .iter()
+                .zip(y.data())
+                .map(|(&p, &q)| p as f64 * q as f64)
+                .sum(),
             _ => as_f64(a).iter().zip(as_f64(b)).map(|(p, q)| p * q).sum(),
         }
     }
@@ -337,6 +444,8 @@ impl Backend for CpuBackend {
         match &m.store {
             Store::F32(t) => t.all_finite(),
             Store::F64(d) => d.iter().all(|x| x.is_finite()),
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
         }
     }
 

@@ -3,7 +3,9 @@
 //! comes from factorizing independent blocks at once.
 
 use faer::dyn_stack::{MemBuffer, MemStack};
-use faer::linalg::cholesky::llt::factor::{LltRegularization, cholesky_in_place, cholesky_in_place_scratch};
+use faer::linalg::cholesky::llt::factor::{
+    LltRegularization, cholesky_in_place, cholesky_in_place_scratch,
+};
 use faer::linalg::cholesky::llt::inverse::{inverse, inverse_scratch};
 use faer::linalg::evd::{ComputeEigenvectors, self_adjoint_evd, self_adjoint_evd_scratch};
 use faer::{Mat, Par};
@@ -20,7 +22,11 @@ fn to_faer(a: &[f64], n: usize) -> Mat<f64> {
 
 /// `(a + damping I)^-1` of a symmetric `n x n` row-major matrix via Cholesky, with the number
 /// of pivots that had to be regularized.
-pub(crate) fn spd_inverse(a: &[f64], n: usize, damping: f64) -> Result<(Vec<f64>, usize), LinalgError> {
+pub(crate) fn spd_inverse(
+    a: &[f64],
+    n: usize,
+    damping: f64,
+) -> Result<(Vec<f64>, usize), LinalgError> {
     if a.iter().any(|v| !v.is_finite()) || !damping.is_finite() {
         return Err(LinalgError::NonFinite);
     }
@@ -40,12 +46,14 @@ pub(crate) fn spd_inverse(a: &[f64], n: usize, damping: f64) -> Result<(Vec<f64>
         .or(inverse_scratch::<f64>(n, par));
     let mut buf = MemBuffer::new(req);
     let stack = MemStack::new(&mut buf);
-    let info = cholesky_in_place(m.as_mut(), reg, par, stack, Default::default())
-        .map_err(|e| match e {
-            faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } => {
-                LinalgError::NotPositiveDefinite { pivot: index }
-            }
-        })?;
+    let info =
+        cholesky_in_place(m.as_mut(), reg, par, stack, Default::default()).map_err(
+            |e| match e {
+                faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } => {
+                    LinalgError::NotPositiveDefinite { pivot: index }
+                }
+            },
+        )?;
     let mut out = Mat::<f64>::zeros(n, n);
     inverse(out.as_mut(), m.as_ref(), par, stack);
     // Only the lower triangle is written: mirror it.
@@ -76,8 +84,15 @@ pub(crate) fn eigh(a: &[f64], n: usize) -> Result<(Vec<f64>, Vec<f64>), LinalgEr
     let stack = MemStack::new(&mut buf);
     let mut s = faer::diag::Diag::<f64>::zeros(n);
     let mut u = Mat::<f64>::zeros(n, n);
-    self_adjoint_evd(m.as_ref(), s.as_mut(), Some(u.as_mut()), par, stack, Default::default())
-        .map_err(|_| LinalgError::NoConvergence)?;
+    self_adjoint_evd(
+        m.as_ref(),
+        s.as_mut(),
+        Some(u.as_mut()),
+        par,
+        stack,
+        Default::default(),
+    )
+    .map_err(|_| LinalgError::NoConvergence)?;
     let values: Vec<f64> = (0..n).map(|i| s[i]).collect();
     let mut vectors = vec![0.0f64; n * n];
     for i in 0..n {

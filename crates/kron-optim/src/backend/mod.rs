@@ -7,15 +7,23 @@
 //! accumulation into a running average, diagonal and elementwise updates, traces and inner
 //! products, and the symmetric factorizations (damped inverse, eigendecomposition, inverse
 //! `p`-th root).
+//!
+//! [`CpuBackend`] is always there; `WgpuBackend` (WGSL compute shaders through wgpu) comes with
+//! the `wgpu` cargo feature. [`wgpu_backend`] opens the latter where it is compiled in and says
+//! why not otherwise, so programs can offer `--backend wgpu` without `#[cfg]`.
 
 mod cpu;
 pub(crate) mod linalg;
+#[cfg(feature = "wgpu")]
+mod wgpu;
 
 use std::fmt;
 
 use kron_autodiff::Tensor;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "wgpu")]
+pub use self::wgpu::{FLUSH_EVERY, IterationConfig, IterationReport, WgpuBackend};
 pub use cpu::CpuBackend;
 
 /// The element type a backend keeps statistics and factorizations in.
@@ -43,6 +51,9 @@ pub(crate) enum Store {
     F32(Tensor),
     /// Host memory, `f64`, row-major.
     F64(Vec<f64>),
+    /// A wgpu storage buffer, `f32`, row-major.
+    #[cfg(feature = "wgpu")]
+    Gpu(self::wgpu::GpuBuf),
 }
 
 impl Mat {
@@ -67,6 +78,8 @@ impl fmt::Debug for Mat {
         let kind = match self.store {
             Store::F32(_) => "f32",
             Store::F64(_) => "f64",
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => "f32, wgpu buffer",
         };
         write!(f, "Mat({}x{}, {kind})", self.rows, self.cols)
     }
@@ -113,6 +126,66 @@ impl fmt::Display for LinalgError {
 }
 
 impl std::error::Error for LinalgError {}
+
+/// Why a backend could not be opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceError {
+    /// No adapter was found.
+    NoAdapter {
+        /// The wgpu backends tried (for example `"Vulkan"`).
+        tried: String,
+        /// What wgpu said.
+        reason: String,
+    },
+    /// The adapter refused to open a device.
+    Device {
+        /// The adapter's name.
+        adapter: String,
+        /// What wgpu said.
+        reason: String,
+    },
+    /// This build of kron-optim has no `wgpu` feature.
+    FeatureDisabled,
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceError::NoAdapter { tried, reason } => write!(
+                f,
+                "no wgpu adapter found (backends tried: {tried}): {reason}; without a GPU, a \
+                 software Vulkan driver works (Debian: mesa-vulkan-drivers)"
+            ),
+            DeviceError::Device { adapter, reason } => {
+                write!(f, "wgpu adapter {adapter:?} refused a device: {reason}")
+            }
+            DeviceError::FeatureDisabled => write!(
+                f,
+                "kron-optim was built without its `wgpu` feature (enable `kron/wgpu`)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+/// The wgpu backend, boxed, when this build has the `wgpu` feature: the first adapter
+/// `WgpuBackend::new` finds. Lets a program choose its backend at run time
+/// without `#[cfg]`.
+///
+/// # Errors
+/// [`DeviceError::FeatureDisabled`] without the feature; otherwise what opening the adapter
+/// reported.
+pub fn wgpu_backend() -> Result<Box<dyn Backend>, DeviceError> {
+    #[cfg(feature = "wgpu")]
+    {
+        Ok(Box::new(WgpuBackend::new()?))
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        Err(DeviceError::FeatureDisabled)
+    }
+}
 
 /// A damped inverse and how it was obtained.
 #[derive(Clone, Debug)]
@@ -195,4 +268,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// `(m + damping I)^(-1/p)` for a symmetric positive semi-definite `m`.
     fn inv_root(&self, m: &Mat, p: u32, damping: f32) -> Result<Mat, LinalgError>;
+
+    /// Whether [`Backend::eigh`] leaves the backend's device: it downloads, decomposes on the
+    /// host CPU and uploads (the wgpu backend does). Optimizers say so in their reports. The
+    /// default is `false`.
+    fn delegates_eigh(&self) -> bool {
+        false
+    }
 }

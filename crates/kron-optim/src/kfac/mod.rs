@@ -89,7 +89,11 @@ impl Kfac {
             .iter()
             .flat_map(|b| std::iter::once(b.weight).chain(b.bias))
             .collect();
-        let outside = ids.iter().copied().filter(|i| !in_blocks.contains(i)).collect();
+        let outside = ids
+            .iter()
+            .copied()
+            .filter(|i| !in_blocks.contains(i))
+            .collect();
         let adam = match config.fallback {
             Fallback::Adam(c) => Some(Adam::new(params, c)),
             Fallback::Sgd => None,
@@ -222,7 +226,10 @@ impl Optimizer for Kfac {
                     .map(|e| format!("{}: {e}", b.info.path))
             })
             .collect();
-        report.stats_updated = self.blocks.iter().any(|b| curvature.contains_key(&b.info.layer));
+        report.stats_updated = self
+            .blocks
+            .iter()
+            .any(|b| curvature.contains_key(&b.info.layer));
         report.notes.extend(stat_notes.into_iter().flatten());
         report.stats_ms = t0.elapsed().as_secs_f64() * 1e3;
 
@@ -236,6 +243,15 @@ impl Optimizer for Kfac {
                 .map(|b| b.refresh(&cfg, be, damping))
                 .collect();
             report.refreshed = true;
+            if matches!(cfg.method, InverseMethod::Eigen(_))
+                && be.delegates_eigh()
+                && self.blocks.iter().any(|b| b.a.is_some())
+            {
+                report.notes.push(format!(
+                    "eigendecomposition on the CPU (delegated by {})",
+                    be.name()
+                ));
+            }
             report.notes.extend(notes.into_iter().flatten());
         }
         report.refresh_ms = t1.elapsed().as_secs_f64() * 1e3;
@@ -350,7 +366,11 @@ impl Optimizer for Kfac {
         };
         let actual = (after - before) as f64;
         // A model predicting no decrease cannot be trusted: treat as a poor step.
-        let rho = if pred < 0.0 { actual / pred } else { f64::NEG_INFINITY };
+        let rho = if pred < 0.0 {
+            actual / pred
+        } else {
+            f64::NEG_INFINITY
+        };
         self.last_rho = Some(rho as f32);
         if rho > 0.75 {
             self.damping *= lm.decay;
@@ -393,7 +413,11 @@ impl Optimizer for Kfac {
                 Some(Precond::Eigen { qa, ea, qg, eg }) => {
                     put("QA", qa);
                     put("QG", qg);
-                    (Some("eigen".to_string()), Some(ea.clone()), Some(eg.clone()))
+                    (
+                        Some("eigen".to_string()),
+                        Some(ea.clone()),
+                        Some(eg.clone()),
+                    )
                 }
                 None => (None, None, None),
             };
@@ -445,7 +469,10 @@ impl Optimizer for Kfac {
         for (b, m) in self.blocks.iter().zip(&meta.blocks) {
             let p = &b.info.path;
             if &m.path != p {
-                return Err(bad(format!("block {:?} saved where this model has {p:?}", m.path)));
+                return Err(bad(format!(
+                    "block {:?} saved where this model has {p:?}",
+                    m.path
+                )));
             }
             let (da, dg) = (b.info.a_dim(), b.info.g_dim());
             let mut take = |name: &str, r: usize, c: usize| {
@@ -464,7 +491,10 @@ impl Optimizer for Kfac {
                     g_inv: take("G_inv", dg, dg)?,
                 }),
                 Some("eigen") => {
-                    let (ea, eg) = (m.ea.clone().unwrap_or_default(), m.eg.clone().unwrap_or_default());
+                    let (ea, eg) = (
+                        m.ea.clone().unwrap_or_default(),
+                        m.eg.clone().unwrap_or_default(),
+                    );
                     if ea.len() != da || eg.len() != dg {
                         return Err(bad(format!("{p}: eigenvalue counts do not fit the block")));
                     }
@@ -493,7 +523,10 @@ impl Optimizer for Kfac {
                     tensors: state
                         .tensors
                         .iter()
-                        .filter_map(|(n, t)| n.strip_prefix("fallback.").map(|k| (k.to_string(), t.clone())))
+                        .filter_map(|(n, t)| {
+                            n.strip_prefix("fallback.")
+                                .map(|k| (k.to_string(), t.clone()))
+                        })
                         .collect(),
                     meta: am,
                 };
