@@ -8,10 +8,10 @@
 //! This crate re-exports the workspace's crates and adds the training step
 //! ([`train_step`]) and checkpoints ([`save_checkpoint`], [`load_checkpoint`]).
 //!
-//! * [`autodiff`]: tensors, the tape, curvature capture, the seeded generator.
-//! * [`layers`]: modules and their Fisher-block metadata.
-//! * [`optim`]: optimizers.
-//! * [`data`]: datasets and seeded batching.
+//! * [`autodiff`] holds tensors, the tape, curvature capture, the seeded generator.
+//! * [`layers`] holds modules and their Fisher-block metadata.
+//! * [`optim`] holds the optimizers.
+//! * [`data`] holds datasets and seeded batching.
 //!
 //! Most programs start with `use kron::prelude::*;`.
 
