@@ -61,11 +61,13 @@ pub const EXAMPLE: Example = Example {
     default_optimizer: OptimizerKind::Kfac,
     task,
     model,
+    // ANCHOR: kfac
     kfac: KfacConfig {
         conv_stats_period: 10,
         inverse_period: 20,
         ..crate::KFAC_DEFAULT
     },
+    // ANCHOR_END: kfac
     lrs: [
         (OptimizerKind::Sgd, 0.03),
         (OptimizerKind::Adam, 1e-3),

@@ -59,11 +59,13 @@ pub const EXAMPLE: Example = Example {
     default_optimizer: OptimizerKind::Adam,
     task,
     model,
+    // ANCHOR: kfac
     kfac: KfacConfig {
         inverse_period: 10,
         damping: 0.1,
         ..crate::KFAC_DEFAULT
     },
+    // ANCHOR_END: kfac
     lrs: [
         (OptimizerKind::Sgd, 0.03),
         (OptimizerKind::Adam, 1e-3),

@@ -64,6 +64,7 @@ impl Default for Config {
     }
 }
 
+// ANCHOR: usage
 /// The usage text shared by the examples.
 pub const USAGE: &str = "flags:
   --optimizer sgd|adam|kfac   optimizer (default: the example's)
@@ -80,6 +81,7 @@ pub const USAGE: &str = "flags:
   --damping X                 KFAC's damping (default: the example's)
   --quiet                     no progress bar
   --help                      this text";
+// ANCHOR_END: usage
 
 impl Config {
     /// Parses the flags, starting from `default_optimizer`.

@@ -13,6 +13,7 @@ pub mod train;
 
 use kron::optim::{FisherKind, InverseMethod, KfacConfig, Precision, Schedule};
 
+// ANCHOR: kfac_default
 /// The examples' KFAC recipe (the library defaults, spelled out so a `const` can use them):
 /// sampled Fisher, factors every step (conv every 10), inverses every 20 steps, damping 1e-3,
 /// KL clip 1e-3, momentum 0.9.
@@ -38,3 +39,4 @@ pub const KFAC_DEFAULT: KfacConfig = KfacConfig {
     precision: Precision::F32,
     fallback: kron::optim::Fallback::Sgd,
 };
+// ANCHOR_END: kfac_default

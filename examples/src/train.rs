@@ -296,6 +296,7 @@ pub fn run(
     optim_fn: OptimFn<'_>,
     spec: &RunSpec,
 ) -> Result<RunResult, String> {
+    // ANCHOR: setup
     let mut params = ParamStore::new();
     let rng = Rng::new(spec.seed);
     let model = model_fn(&mut params, &mut rng.fork(1));
@@ -309,6 +310,7 @@ pub fn run(
     let mut batches = Batches::new(task.len(), spec.batch_size, rng.fork(2)).drop_last(true);
     let mut loop_rng = rng.fork(3);
     let mut augment_rng = rng.fork(4);
+    // ANCHOR_END: setup
     let per_epoch = batches.batches_per_epoch().max(1);
     let total = (per_epoch * spec.epochs) as u64;
     let eval_at: Vec<usize> = (1..=spec.evals_per_epoch.max(1))
@@ -350,6 +352,7 @@ pub fn run(
     curves.points.push(evaluate_point(&params, 0, 0, 0.0));
     for epoch in 1..=spec.epochs {
         for b in 0..per_epoch {
+            // ANCHOR: step
             let idx = batches
                 .next_batch()
                 .ok_or("the data has fewer examples than one batch")?;
@@ -369,6 +372,7 @@ pub fn run(
                 &mut loop_rng,
             );
             seconds += t0.elapsed().as_secs_f64();
+            // ANCHOR_END: step
             step += 1;
             match out {
                 Ok(o) => {

@@ -1,6 +1,6 @@
 //! Every `{{#include}}` and `{{#rustdoc_include}}` in the book names a file that exists and, where
 //! it names an anchor or a line range, an anchor the file defines or lines the file has; every
-//! chapter listed in `SUMMARY.md` exists and is not empty.
+//! chapter listed in `SUMMARY.md` exists and is not empty; every image a chapter shows exists.
 //!
 //! mdBook itself includes nothing (and says nothing) for an anchor it cannot find, so without
 //! this check a renamed anchor silently empties a code block of the book.
@@ -240,6 +240,47 @@ fn check_summary(src: &Path) -> Vec<String> {
     problems
 }
 
+/// The targets of the images (`![alt](path)`) of a chapter's text, with their line numbers,
+/// skipping web addresses.
+fn image_links(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let mut rest = line;
+        while let Some(open) = rest.find("![") {
+            let after = &rest[open + 2..];
+            let Some(mid) = after.find("](") else { break };
+            let target_start = &after[mid + 2..];
+            let Some(close) = target_start.find(')') else {
+                break;
+            };
+            let target = target_start[..close]
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            if !target.is_empty() && !target.contains("://") {
+                out.push((i + 1, target.to_string()));
+            }
+            rest = &target_start[close..];
+        }
+    }
+    out
+}
+
+/// Every image a chapter under `src` shows that is not there, one line each.
+fn check_images(src: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    for md in markdown_files(src) {
+        let text = fs::read_to_string(&md).unwrap();
+        for (line, target) in image_links(&text) {
+            let path = md.parent().unwrap().join(&target);
+            if !path.is_file() {
+                problems.push(format!("{}:{line}: no image {target}", md.display()));
+            }
+        }
+    }
+    problems
+}
+
 fn book_src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../book/src")
 }
@@ -366,5 +407,33 @@ fn the_check_fails_on_a_broken_book() {
     assert!(summary[0].contains("draft chapter"), "{}", summary[0]);
     assert!(summary[1].contains("gone.md"), "{}", summary[1]);
 
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn every_image_exists() {
+    let problems = check_images(&book_src());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_image_check_finds_missing_files() {
+    let text = "![a](figures/x.svg) and ![b](y.png \"title\")\n\
+                ![web](https://example.org/z.svg) [not an image](w.svg)\n";
+    assert_eq!(
+        image_links(text),
+        vec![(1, "figures/x.svg".to_string()), (1, "y.png".to_string())]
+    );
+    let dir = std::env::temp_dir().join(format!("kron-book-images-{}", std::process::id()));
+    fs::create_dir_all(dir.join("figures")).unwrap();
+    fs::write(dir.join("figures/x.svg"), "<svg/>").unwrap();
+    fs::write(dir.join("chapter.md"), text).unwrap();
+    let problems = check_images(&dir);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("chapter.md:1: no image y.png"),
+        "{}",
+        problems[0]
+    );
     fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,6 +1,14 @@
 //! Runs the code the book shows and checks that it computes what the text says, against
 //! brute-force computations written out here element by element.
 
+#[path = "../../book/snippets/digits.rs"]
+mod digits;
+#[path = "../../book/snippets/kfac.rs"]
+mod kfac;
+#[path = "../../book/snippets/kfc.rs"]
+mod kfc;
+#[path = "../../book/snippets/natural_gradient.rs"]
+mod natural_gradient;
 #[path = "../../book/snippets/tape.rs"]
 mod tape;
 
@@ -201,4 +209,155 @@ fn sampled_fisher_of_a_gaussian_model_is_the_identity() {
         let d = run.g_empirical.data()[i * 3 + i];
         assert!(d > 3.0, "empirical G[{i},{i}] = {d}");
     }
+}
+
+/// The mean of a slice.
+fn mean(v: &[f32]) -> f32 {
+    v.iter().sum::<f32>() / v.len() as f32
+}
+
+#[test]
+fn tutorial_training_raises_the_test_accuracy() {
+    let run = digits::train_digits(900);
+    assert_eq!(run.losses.len(), 900);
+    // Ten classes: an untrained model is near chance.
+    assert!(run.accuracy_before < 0.25, "{}", run.accuracy_before);
+    assert!(run.accuracy_after > 0.9, "{}", run.accuracy_after);
+    assert!(
+        run.test_loss.is_finite() && run.test_loss < 0.5,
+        "{}",
+        run.test_loss
+    );
+    let (first, last) = (mean(&run.losses[..50]), mean(&run.losses[850..]));
+    assert!(last < 0.2 * first, "loss {first} -> {last}");
+}
+
+#[test]
+fn a_resumed_run_has_the_same_bits_as_one_that_never_stopped() {
+    let dir = std::env::temp_dir().join(format!("kron-book-digits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = digits::checkpoint_and_resume(&dir.join("digits.safetensors")).unwrap();
+    assert_eq!(r.loaded.step, 40);
+    // 40 batches of 32 into an epoch of 1437 examples: the checkpoint is mid-epoch.
+    assert_eq!(r.loaded.data["cursor"], 1280);
+    assert!(r.resumed == r.straight, "parameters differ after resuming");
+    assert!(
+        r.resumed_state == r.straight_state,
+        "optimizer state differs after resuming"
+    );
+    assert!(
+        r.straight_state
+            .tensors
+            .keys()
+            .any(|k| k.ends_with("fc1.A"))
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn natural_gradient_solves_the_ill_conditioned_problem_and_gradient_descent_does_not() {
+    let r = natural_gradient::race(30);
+    let opt = r.optimum as f32;
+    let start = r.gd[0] - opt;
+    assert!(start > 1.0, "initial excess loss {start}");
+    assert_eq!(
+        (r.gd.len(), r.sampled.len(), r.empirical.len()),
+        (31, 31, 31)
+    );
+    // The true Fisher: within 1e-5 of the start's excess after 3 steps, and it stays there.
+    for (k, &l) in r.sampled.iter().enumerate().skip(3) {
+        assert!((l - opt).abs() < 1e-5 * start, "step {k}: {l} vs {opt}");
+    }
+    // Gradient descent at its largest sensible rate is still far off after 30 steps: the
+    // directions of small curvature have hardly moved.
+    let gd = r.gd[30] - opt;
+    assert!(gd > 3e-3 * start, "gd excess {gd}");
+    assert!(r.gd.windows(2).all(|w| w[1] < w[0]), "gd decreases");
+    // The empirical Fisher shrinks with the residuals: its steps grow too long near the
+    // optimum, and the loss never settles.
+    let worst = r.empirical[20..].iter().fold(0.0f32, |m, &l| m.max(l));
+    assert!(
+        worst > 20.0 * opt,
+        "empirical Fisher settled: {:?}",
+        r.empirical
+    );
+}
+
+#[test]
+fn natural_gradient_is_invariant_to_the_units_of_the_inputs() {
+    let r = natural_gradient::invariance(5);
+    for (k, (a, b)) in r.kfac.iter().zip(&r.kfac_rescaled).enumerate() {
+        assert!((a - b).abs() <= 5e-3 * a, "KFAC step {k}: {a} vs {b}");
+    }
+    // SGD with one learning rate: in the new units the curvature is 100 times larger, and the
+    // same rate makes a different (here much faster) descent.
+    assert_eq!(
+        r.sgd[0], r.sgd_rescaled[0],
+        "the same function at the start"
+    );
+    assert!(
+        r.sgd_rescaled[5] < 0.1 * r.sgd[5],
+        "{:?} {:?}",
+        r.sgd,
+        r.sgd_rescaled
+    );
+}
+
+#[test]
+fn kfac_trains_the_digits_and_refreshes_on_schedule() {
+    let run = kfac::kfac_digits(200);
+    let (first, last) = (mean(&run.losses[..20]), mean(&run.losses[180..]));
+    assert!(last < 0.1 * first, "loss {first} -> {last}");
+    assert!(run.accuracy > 0.9, "accuracy {}", run.accuracy);
+    // 64 inputs + the homogeneous coordinate; 256 outputs.
+    assert_eq!(run.fc1_factors, (vec![65, 65], vec![256, 256]));
+    for r in &run.reports {
+        assert!(r.stats_updated, "step {}: statistics every step", r.step);
+        assert_eq!(r.refreshed, r.step % 10 == 0, "step {}", r.step);
+        assert_eq!(r.damping, Some(0.1));
+    }
+    assert!(run.damping.iter().all(|&d| d == 0.1), "fixed damping");
+}
+
+#[test]
+fn levenberg_marquardt_moves_the_damping_every_five_steps() {
+    let run = kfac::kfac_adaptive(100);
+    let (first, last) = (mean(&run.losses[..20]), mean(&run.losses[80..]));
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    let mut prev = 0.1f32;
+    let mut changes = 0;
+    for (k, &d) in run.damping.iter().enumerate() {
+        if d != prev {
+            assert_eq!(k % 5, 0, "damping changed after step {k}");
+            changes += 1;
+        }
+        prev = d;
+    }
+    assert!(changes >= 5, "{:?}", run.damping);
+    assert!(*run.damping.last().unwrap() < 0.1);
+}
+
+#[test]
+fn kfc_takes_conv_statistics_every_tenth_step() {
+    let run = kfc::kfc_run(12);
+    assert_eq!(
+        run.blocks,
+        (4, 3),
+        "three convolutions and a dense classifier"
+    );
+    // All four blocks on steps 0 and 10; the dense classifier alone on the others.
+    let want: Vec<usize> = (0..12).map(|s| if s % 10 == 0 { 4 } else { 1 }).collect();
+    assert_eq!(run.captured, want);
+    // features.1: 32 channels in, 5x5 kernel, plus the homogeneous coordinate; 32 out.
+    assert_eq!(run.omega.shape(), &[801, 801]);
+    assert_eq!(run.gamma.shape(), &[32, 32]);
+    // Omega sums over the 14 x 14 output locations: its corner is |T| = 196, not 1.
+    let corner = run.omega.data()[801 * 801 - 1];
+    assert!((corner - 196.0).abs() < 1e-3, "corner {corner}");
+    assert!(run.losses.iter().all(|l| l.is_finite()));
+    assert!(
+        mean(&run.losses[8..]) < 0.5 * run.losses[0],
+        "{:?}",
+        run.losses
+    );
 }
