@@ -42,6 +42,8 @@ pub struct Config {
     pub backend: BackendKind,
     /// `--damping`: KFAC's damping λ (default: the example's).
     pub damping: Option<f32>,
+    /// `--kl-clip`: KFAC's KL clipping κ, 0 for none (default: the example's).
+    pub kl_clip: Option<f32>,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             sweep: false,
             backend: BackendKind::Cpu,
             damping: None,
+            kl_clip: None,
         }
     }
 }
@@ -79,6 +82,7 @@ pub const USAGE: &str = "flags:
   --sweep                     tune each optimizer's learning rate first (implies --compare)
   --backend cpu|wgpu          where KFAC's matrix math runs (wgpu needs --features wgpu)
   --damping X                 KFAC's damping (default: the example's)
+  --kl-clip X                 KFAC's KL clipping, 0 for none (default: the example's)
   --quiet                     no progress bar
   --help                      this text";
 // ANCHOR_END: usage
@@ -115,6 +119,7 @@ impl Config {
                 .transpose()?
                 .unwrap_or(BackendKind::Cpu),
             damping: f.get("damping")?,
+            kl_clip: f.get("kl-clip")?,
         };
         f.finish()?;
         Ok(c)
@@ -200,10 +205,13 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     let sizes = if cfg.fast { ex.fast } else { ex.sizes };
     let task = (ex.task)(cfg, &sizes)?;
     let model_fn = |p: &mut ParamStore, r: &mut Rng| (ex.model)(&task, p, r);
-    let kfac = match cfg.damping {
-        Some(d) => ex.kfac.with_damping(d),
-        None => ex.kfac,
-    };
+    let mut kfac = ex.kfac;
+    if let Some(d) = cfg.damping {
+        kfac = kfac.with_damping(d);
+    }
+    if let Some(k) = cfg.kl_clip {
+        kfac = kfac.with_kl_clip((k > 0.0).then_some(k));
+    }
     let optim = default_optimizer(kfac);
     let spec = RunSpec {
         optimizer: cfg.optimizer,
