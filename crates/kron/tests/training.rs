@@ -206,3 +206,67 @@ fn a_nan_step_changes_nothing() {
     assert_eq!(p, p0);
     assert_eq!(o.state(), s0);
 }
+
+/// A run driven by the data crate's shuffling iterator, checkpointed mid-epoch with the
+/// iterator's position in the training state, resumes with the same bits.
+#[test]
+fn resume_mid_epoch_with_the_batch_iterator() {
+    use kron::data::{BatchState, Batches};
+    let (x, y) = data();
+    let gather = |idx: &[usize]| {
+        let mut d = Vec::new();
+        for &i in idx {
+            d.extend_from_slice(&x.data()[i * 6..(i + 1) * 6]);
+        }
+        (
+            Tensor::from_vec(d, &[idx.len(), 6]),
+            Targets::Classes(idx.iter().map(|&i| y[i]).collect()),
+        )
+    };
+    // 40 examples, batch 16, drop-last: 2 batches an epoch; 7 steps cross 3 epochs, and the
+    // checkpoint after step 3 falls in the middle of the second epoch.
+    let steps = |m: &Sequential,
+                 p: &mut ParamStore,
+                 o: &mut dyn Optimizer,
+                 b: &mut Batches,
+                 r: &mut Rng,
+                 n: usize| {
+        for _ in 0..n {
+            let idx = b.next_batch().or_else(|| b.next_batch()).unwrap();
+            let (xb, yb) = gather(&idx);
+            train_step(m, LossKind::CrossEntropy, p, o, &xb, &yb, r).unwrap();
+        }
+    };
+    let fresh = |seed| {
+        let mut p = ParamStore::new();
+        let m = model(&mut p, seed);
+        let o = make_opt("kfac", &p);
+        (p, m, o)
+    };
+    let (mut p1, m1, mut o1) = fresh(1);
+    let mut b1 = Batches::new(40, 16, Rng::new(9)).drop_last(true);
+    let mut r1 = Rng::new(4);
+    steps(&m1, &mut p1, o1.as_mut(), &mut b1, &mut r1, 7);
+
+    let (mut p2, m2, mut o2) = fresh(1);
+    let mut b2 = Batches::new(40, 16, Rng::new(9)).drop_last(true);
+    let mut r2 = Rng::new(4);
+    steps(&m2, &mut p2, o2.as_mut(), &mut b2, &mut r2, 3);
+    let path = temp("mid-epoch.safetensors");
+    let st = TrainState {
+        step: 3,
+        rng: r2,
+        data: serde_json::to_value(b2.state()).unwrap(),
+    };
+    save_checkpoint(&path, &p2, o2.as_ref(), &st).unwrap();
+
+    let (mut p3, m3, mut o3) = fresh(2);
+    let st3 = load_checkpoint(&path, &mut p3, o3.as_mut()).unwrap();
+    let mut b3 =
+        Batches::from_state(serde_json::from_value::<BatchState>(st3.data).unwrap()).unwrap();
+    let mut r3 = st3.rng;
+    steps(&m3, &mut p3, o3.as_mut(), &mut b3, &mut r3, 4);
+    assert_eq!(p3, p1);
+    assert_eq!(o3.state(), o1.state());
+    assert_eq!(b3.state(), b1.state());
+}
