@@ -158,13 +158,13 @@ impl Kfac {
         } else {
             self.config.stats_period
         };
-        self.step % period.max(1) == 0
+        self.step.is_multiple_of(period.max(1))
     }
 
     fn adapts_now(&self) -> bool {
         self.config
             .adaptive_damping
-            .is_some_and(|lm| self.step % lm.interval.max(1) == 0)
+            .is_some_and(|lm| self.step.is_multiple_of(lm.interval.max(1)))
     }
 }
 
@@ -235,7 +235,7 @@ impl Optimizer for Kfac {
 
         // 2. Refresh.
         let t1 = Instant::now();
-        if self.step % cfg.inverse_period.max(1) == 0 {
+        if self.step.is_multiple_of(cfg.inverse_period.max(1)) {
             let damping = self.damping;
             let notes: Vec<Option<String>> = self
                 .blocks
