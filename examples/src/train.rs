@@ -392,7 +392,7 @@ pub fn run(
                     });
                 }
             }
-            let due = epoch % spec.eval_every.max(1) == 0 || epoch == spec.epochs;
+            let due = epoch.is_multiple_of(spec.eval_every.max(1)) || epoch == spec.epochs;
             if due && eval_at.contains(&(b + 1)) {
                 curves
                     .points
