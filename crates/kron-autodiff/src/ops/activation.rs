@@ -104,10 +104,63 @@ impl Unary {
     }
 }
 
+/// Runs `$body` with `$mk` bound to a closure returning `$u`, once per variant, so that every
+/// elementwise loop written with `$mk()` is compiled for one function with its `match` folded
+/// away (the values are those of [`Unary::eval`] and [`Unary::derivative`], bit for bit).
+macro_rules! per_unary {
+    ($u:expr, $mk:ident => $body:expr) => {
+        match $u {
+            Unary::Relu => {
+                let $mk = || Unary::Relu;
+                $body
+            }
+            Unary::LeakyRelu(s) => {
+                let $mk = move || Unary::LeakyRelu(s);
+                $body
+            }
+            Unary::Tanh => {
+                let $mk = || Unary::Tanh;
+                $body
+            }
+            Unary::Sigmoid => {
+                let $mk = || Unary::Sigmoid;
+                $body
+            }
+            Unary::Softplus => {
+                let $mk = || Unary::Softplus;
+                $body
+            }
+            Unary::Gelu => {
+                let $mk = || Unary::Gelu;
+                $body
+            }
+            Unary::Exp => {
+                let $mk = || Unary::Exp;
+                $body
+            }
+            Unary::Log => {
+                let $mk = || Unary::Log;
+                $body
+            }
+            Unary::Square => {
+                let $mk = || Unary::Square;
+                $body
+            }
+            Unary::Sqrt => {
+                let $mk = || Unary::Sqrt;
+                $body
+            }
+        }
+    };
+}
+
 impl<'t> Var<'t> {
     /// Applies a pointwise function.
     pub fn unary(self, u: Unary) -> Var<'t> {
-        let v = self.tape.value_of(self.id).map(|x| u.eval(x));
+        let v = {
+            let x = self.tape.value_of(self.id);
+            per_unary!(u, f => x.map(move |x| f().eval(x)))
+        };
         self.tape.record(Op::Unary(self.id, u), v, &[self.id])
     }
 
@@ -226,20 +279,26 @@ pub(super) fn unary_backward(
 ) {
     let xv = sink.value(x);
     let (xd, yd, gd) = (xv.data(), out.data(), g.data());
-    let d = if xd.len() >= crate::tensor::PAR_THRESHOLD {
-        use rayon::prelude::*;
-        (0..xd.len())
-            .into_par_iter()
-            .with_min_len(4096)
-            .map(|i| gd[i] * u.derivative(xd[i], yd[i]))
-            .collect()
-    } else {
-        (0..xd.len())
-            .map(|i| gd[i] * u.derivative(xd[i], yd[i]))
-            .collect()
-    };
+    let d = per_unary!(u, f => unary_grad(xd, yd, gd, move |x, y| f().derivative(x, y)));
     let gx = Tensor::from_vec(d, xv.shape());
     sink.add(x, gx);
+}
+
+/// `g * f'(x, y)` elementwise, split across threads when large (same bits either way).
+fn unary_grad(xd: &[f32], yd: &[f32], gd: &[f32], df: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let one = |((o, x), (y, g)): ((&mut f32, &f32), (&f32, &f32))| *o = g * df(*x, *y);
+    let mut d = vec![0.0f32; xd.len()];
+    if xd.len() >= crate::tensor::PAR_THRESHOLD {
+        d.par_iter_mut()
+            .with_min_len(4096)
+            .zip(xd.par_iter())
+            .zip(yd.par_iter().zip(gd.par_iter()))
+            .for_each(one);
+    } else {
+        d.iter_mut().zip(xd).zip(yd.iter().zip(gd)).for_each(one);
+    }
+    d
 }
 
 pub(super) fn log_softmax_backward(x: usize, out: &Tensor, g: &Tensor, sink: &mut GradSink<'_>) {

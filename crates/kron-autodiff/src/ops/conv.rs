@@ -81,74 +81,152 @@ impl ConvGeom {
     pub fn patch_len(&self) -> usize {
         self.in_ch * self.kh * self.kw
     }
+}
 
-    /// For output position `(oh, ow)` and kernel offset `(i, j)`, the input coordinates, if
-    /// inside the image.
-    #[inline]
-    fn source(&self, oh: usize, ow: usize, i: usize, j: usize) -> Option<(usize, usize)> {
-        let ih = (oh * self.stride + i).checked_sub(self.padding)?;
-        let iw = (ow * self.stride + j).checked_sub(self.padding)?;
-        (ih < self.h_in && iw < self.w_in).then_some((ih, iw))
-    }
+/// For each output column `ow`, the kernel columns `j` that land inside the image and the
+/// input column of the first: `(j_lo, j_hi, iw_lo)`. Consecutive `j` read consecutive input
+/// columns, so each kernel row of a patch is one contiguous run.
+fn column_runs(geom: &ConvGeom) -> Vec<(usize, usize, usize)> {
+    (0..geom.w_out)
+        .map(|ow| {
+            let start = ow * geom.stride;
+            let j_lo = geom.padding.saturating_sub(start).min(geom.kw);
+            let j_hi = (geom.w_in + geom.padding)
+                .saturating_sub(start)
+                .min(geom.kw);
+            let j_hi = j_hi.max(j_lo);
+            (j_lo, j_hi, (start + j_lo).saturating_sub(geom.padding))
+        })
+        .collect()
 }
 
 /// The im2col patch matrix of an NCHW batch: `(N * T) x (C * kh * kw)`, rows in `(n, t)` order,
 /// columns in `(c, kh, kw)` order, zeros where the kernel overhangs the padding.
 pub fn im2col(x: &[f32], geom: &ConvGeom) -> Vec<f32> {
     let (t_len, k_len) = (geom.locations(), geom.patch_len());
-    let plane = geom.h_in * geom.w_in;
-    let img = geom.in_ch * plane;
+    let img = geom.in_ch * geom.h_in * geom.w_in;
+    let runs = column_runs(geom);
     let mut out = vec![0.0f32; geom.batch * t_len * k_len];
     out.par_chunks_mut((t_len * k_len).max(1))
-        .enumerate()
-        .for_each(|(n, dst)| {
-            let src = &x[n * img..(n + 1) * img];
-            for oh in 0..geom.h_out {
-                for ow in 0..geom.w_out {
-                    let row = &mut dst[(oh * geom.w_out + ow) * k_len..][..k_len];
-                    for c in 0..geom.in_ch {
-                        for i in 0..geom.kh {
-                            for j in 0..geom.kw {
-                                if let Some((ih, iw)) = geom.source(oh, ow, i, j) {
-                                    row[(c * geom.kh + i) * geom.kw + j] =
-                                        src[c * plane + ih * geom.w_in + iw];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+        .zip(x.par_chunks(img.max(1)))
+        .for_each(|(dst, src)| match geom.kw {
+            // Whole kernel rows of the common widths copy as fixed-size arrays.
+            3 => im2col_image::<3>(src, geom, &runs, dst),
+            5 => im2col_image::<5>(src, geom, &runs, dst),
+            _ => im2col_image::<0>(src, geom, &runs, dst),
         });
     out
 }
 
-/// The adjoint of [`im2col`]: sums patch gradients back into an NCHW image gradient.
-pub fn col2im(dp: &[f32], geom: &ConvGeom) -> Vec<f32> {
-    let (t_len, k_len) = (geom.locations(), geom.patch_len());
-    let plane = geom.h_in * geom.w_in;
-    let img = geom.in_ch * plane;
-    let mut dx = vec![0.0f32; geom.batch * img];
-    dx.par_chunks_mut(img.max(1))
-        .enumerate()
-        .for_each(|(n, dst)| {
-            let src = &dp[n * t_len * k_len..(n + 1) * t_len * k_len];
-            for oh in 0..geom.h_out {
-                for ow in 0..geom.w_out {
-                    let row = &src[(oh * geom.w_out + ow) * k_len..][..k_len];
-                    for c in 0..geom.in_ch {
-                        for i in 0..geom.kh {
-                            for j in 0..geom.kw {
-                                if let Some((ih, iw)) = geom.source(oh, ow, i, j) {
-                                    dst[c * plane + ih * geom.w_in + iw] +=
-                                        row[(c * geom.kh + i) * geom.kw + j];
-                                }
-                            }
+/// The patch rows of one image; `KW` is the kernel width when it is known at compile time
+/// (`0` otherwise).
+#[inline(always)]
+fn im2col_image<const KW: usize>(
+    src: &[f32],
+    geom: &ConvGeom,
+    runs: &[(usize, usize, usize)],
+    dst: &mut [f32],
+) {
+    let (plane, k_len) = (geom.h_in * geom.w_in, geom.patch_len());
+    for oh in 0..geom.h_out {
+        // The kernel rows `i` that land inside the image, and the input row of the first.
+        let start = oh * geom.stride;
+        let i_lo = geom.padding.saturating_sub(start).min(geom.kh);
+        let i_hi = (geom.h_in + geom.padding)
+            .saturating_sub(start)
+            .min(geom.kh)
+            .max(i_lo);
+        let ih_lo = (start + i_lo).saturating_sub(geom.padding);
+        for (ow, &(j_lo, j_hi, iw_lo)) in runs.iter().enumerate() {
+            let row = &mut dst[(oh * geom.w_out + ow) * k_len..][..k_len];
+            let len = j_hi - j_lo;
+            if len == 0 {
+                continue;
+            }
+            for c in 0..geom.in_ch {
+                for (i, ih) in (i_lo..i_hi).zip(ih_lo..) {
+                    let from = c * plane + ih * geom.w_in + iw_lo;
+                    let to = (c * geom.kh + i) * geom.kw + j_lo;
+                    if KW != 0 && len == KW {
+                        let s: &[f32; KW] = src[from..from + KW].try_into().unwrap();
+                        let d: &mut [f32; KW] = (&mut row[to..to + KW]).try_into().unwrap();
+                        *d = *s;
+                    } else {
+                        for (d, s) in row[to..to + len].iter_mut().zip(&src[from..from + len]) {
+                            *d = *s;
                         }
                     }
                 }
             }
-        });
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: sums patch gradients back into an NCHW image gradient.
+pub fn col2im(dp: &[f32], geom: &ConvGeom) -> Vec<f32> {
+    let mut dx = vec![0.0f32; geom.batch * geom.in_ch * geom.h_in * geom.w_in];
+    col2im_into(dp, geom, &mut dx);
     dx
+}
+
+/// [`col2im`] of the images whose patch rows `dp` holds, added into their gradients `dx`
+/// (`dp.len() / (T * K)` images). Each input element sums its patch entries in `(oh, ow)`
+/// order for any split of the batch, so the bits do not depend on the split.
+fn col2im_into(dp: &[f32], geom: &ConvGeom, dx: &mut [f32]) {
+    let (t_len, k_len) = (geom.locations(), geom.patch_len());
+    let img = geom.in_ch * geom.h_in * geom.w_in;
+    let runs = column_runs(geom);
+    dx.par_chunks_mut(img.max(1))
+        .zip(dp.par_chunks((t_len * k_len).max(1)))
+        .for_each(|(dst, src)| match geom.kw {
+            3 => col2im_image::<3>(src, geom, &runs, dst),
+            5 => col2im_image::<5>(src, geom, &runs, dst),
+            _ => col2im_image::<0>(src, geom, &runs, dst),
+        });
+}
+
+/// The gradient of one image from its patch rows; `KW` as in `im2col_image`.
+#[inline(always)]
+fn col2im_image<const KW: usize>(
+    src: &[f32],
+    geom: &ConvGeom,
+    runs: &[(usize, usize, usize)],
+    dst: &mut [f32],
+) {
+    let (plane, k_len) = (geom.h_in * geom.w_in, geom.patch_len());
+    for oh in 0..geom.h_out {
+        let start = oh * geom.stride;
+        let i_lo = geom.padding.saturating_sub(start).min(geom.kh);
+        let i_hi = (geom.h_in + geom.padding)
+            .saturating_sub(start)
+            .min(geom.kh)
+            .max(i_lo);
+        let ih_lo = (start + i_lo).saturating_sub(geom.padding);
+        for (ow, &(j_lo, j_hi, iw_lo)) in runs.iter().enumerate() {
+            let row = &src[(oh * geom.w_out + ow) * k_len..][..k_len];
+            let len = j_hi - j_lo;
+            if len == 0 {
+                continue;
+            }
+            for c in 0..geom.in_ch {
+                for (i, ih) in (i_lo..i_hi).zip(ih_lo..) {
+                    let to = c * plane + ih * geom.w_in + iw_lo;
+                    let from = (c * geom.kh + i) * geom.kw + j_lo;
+                    if KW != 0 && len == KW {
+                        let s: &[f32; KW] = row[from..from + KW].try_into().unwrap();
+                        let d: &mut [f32; KW] = (&mut dst[to..to + KW]).try_into().unwrap();
+                        for j in 0..KW {
+                            d[j] += s[j];
+                        }
+                    } else {
+                        for (d, s) in dst[to..to + len].iter_mut().zip(&row[from..from + len]) {
+                            *d += s;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl<'t> Var<'t> {
@@ -257,6 +335,9 @@ fn nchw_to_rows(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
     out
 }
 
+/// Elements (4 MiB) of patch gradient the backward pass builds at a time (a few images' worth).
+const COL2IM_BLOCK: usize = (4 << 20) / std::mem::size_of::<f32>();
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv2d_backward(
     x: usize,
@@ -294,20 +375,36 @@ pub(super) fn conv2d_backward(
         sink.add(b, Tensor::from_vec(column_sums(&g_rows, oc), &[oc]));
     }
     if sink.needs(x) {
-        let mut dp = vec![0.0f32; nt * k];
-        gemm(
-            nt,
-            oc,
-            k,
-            1.0,
-            &g_rows,
-            false,
-            sink.value(w).data(),
-            false,
-            0.0,
-            &mut dp,
-        );
-        let dx = col2im(&dp, geom);
+        // The patch gradient `g W`, a few images at a time, each block folded back into the
+        // image gradient while it is still in cache (the whole `(N*T) x K` matrix is never
+        // built). Rows of a GEMM do not depend on how the rows are split, nor do col2im's sums.
+        let per_image = geom.locations() * k;
+        let images = (COL2IM_BLOCK / per_image.max(1)).clamp(1, geom.batch.max(1));
+        let img = geom.in_ch * geom.h_in * geom.w_in;
+        let mut dx = vec![0.0f32; geom.batch * img];
+        let mut dp = vec![0.0f32; images * per_image];
+        let wv = sink.value(w).data();
+        for (n0, dxb) in (0..geom.batch)
+            .step_by(images)
+            .zip(dx.chunks_mut(images * img))
+        {
+            let nb = images.min(geom.batch - n0);
+            let rows = nb * geom.locations();
+            let dpb = &mut dp[..nb * per_image];
+            gemm(
+                rows,
+                oc,
+                k,
+                1.0,
+                &g_rows[n0 * geom.locations() * oc..][..rows * oc],
+                false,
+                wv,
+                false,
+                0.0,
+                dpb,
+            );
+            col2im_into(dpb, geom, dxb);
+        }
         let shape = sink.value(x).shape().to_vec();
         sink.add(x, Tensor::from_vec(dx, &shape));
     }
@@ -325,4 +422,105 @@ pub(super) fn conv2d_backward(
         batch: geom.batch,
         locations: geom.locations(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The element-by-element definitions of im2col and col2im, in the loop order of the
+    /// sums (rows `(n, oh, ow)`, then `(c, i, j)`).
+    fn reference(x: &[f32], dp: &[f32], g: &ConvGeom) -> (Vec<f32>, Vec<f32>) {
+        let (t_len, k_len) = (g.locations(), g.patch_len());
+        let plane = g.h_in * g.w_in;
+        let mut p = vec![0.0f32; g.batch * t_len * k_len];
+        let mut dx = vec![0.0f32; g.batch * g.in_ch * plane];
+        for n in 0..g.batch {
+            for oh in 0..g.h_out {
+                for ow in 0..g.w_out {
+                    let r = (n * t_len + oh * g.w_out + ow) * k_len;
+                    for c in 0..g.in_ch {
+                        for i in 0..g.kh {
+                            for j in 0..g.kw {
+                                let ih = (oh * g.stride + i) as isize - g.padding as isize;
+                                let iw = (ow * g.stride + j) as isize - g.padding as isize;
+                                if ih < 0
+                                    || iw < 0
+                                    || ih >= g.h_in as isize
+                                    || iw >= g.w_in as isize
+                                {
+                                    continue;
+                                }
+                                let at =
+                                    (n * g.in_ch + c) * plane + ih as usize * g.w_in + iw as usize;
+                                let col = (c * g.kh + i) * g.kw + j;
+                                p[r + col] = x[at];
+                                dx[at] += dp[r + col];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (p, dx)
+    }
+
+    #[test]
+    fn im2col_and_col2im_match_their_definitions_bit_for_bit() {
+        let mut rng = Rng::new(3);
+        for (kh, kw) in [(1, 1), (2, 3), (3, 3), (5, 5), (4, 7), (5, 2)] {
+            for stride in 1..=3 {
+                for padding in 0..=3 {
+                    let (h, w) = (6, 9);
+                    if h + 2 * padding < kh || w + 2 * padding < kw {
+                        continue;
+                    }
+                    let g = ConvGeom::new(&[2, 3, h, w], &[4, 3, kh, kw], stride, padding);
+                    let x = Tensor::randn(&[2, 3, h, w], 0.0, 1.0, &mut rng);
+                    let rows = g.batch * g.locations() * g.patch_len();
+                    let dp = Tensor::randn(&[rows], 0.0, 1.0, &mut rng);
+                    let (p, dx) = reference(x.data(), dp.data(), &g);
+                    let case = format!("kernel {kh}x{kw} stride {stride} padding {padding}");
+                    assert_eq!(im2col(x.data(), &g), p, "im2col, {case}");
+                    assert_eq!(col2im(dp.data(), &g), dx, "col2im, {case}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn input_gradient_in_blocks_equals_one_whole_gemm_and_col2im() {
+        let mut rng = Rng::new(5);
+        let (n, c, h, w, oc) = (10, 64, 16, 16, 8);
+        let x = Tensor::randn(&[n, c, h, w], 0.0, 1.0, &mut rng);
+        let wt = Tensor::randn(&[oc, c, 3, 3], 0.0, 0.1, &mut rng);
+        let r = Tensor::randn(&[n, oc, h, w], 0.0, 1.0, &mut rng);
+        let geom = ConvGeom::new(x.shape(), wt.shape(), 1, 1);
+        // Several blocks of images, the last one partial.
+        let per_block = COL2IM_BLOCK / (geom.locations() * geom.patch_len());
+        assert!(per_block > 1 && n % per_block != 0 && n > per_block);
+
+        let tape = crate::Tape::without_params();
+        let (xv, wv) = (tape.var(x.clone()), tape.var(wt.clone()));
+        let y = xv.conv2d(wv, None, 1, 1, None);
+        let grads = tape.backward((y * tape.input(r.clone())).sum());
+
+        let (nt, k) = (n * geom.locations(), geom.patch_len());
+        let g_rows = nchw_to_rows(r.data(), &geom);
+        let mut dp = vec![0.0f32; nt * k];
+        gemm(
+            nt,
+            oc,
+            k,
+            1.0,
+            &g_rows,
+            false,
+            wt.data(),
+            false,
+            0.0,
+            &mut dp,
+        );
+        assert_eq!(grads.wrt(xv).unwrap().data(), &col2im(&dp, &geom)[..]);
+    }
 }

@@ -6,7 +6,7 @@ use super::{GradSink, Op};
 use crate::capture::LayerCapture;
 use crate::param::LayerId;
 use crate::tape::Var;
-use crate::tensor::Tensor;
+use crate::tensor::{PAR_THRESHOLD, Tensor};
 
 impl<'t> Var<'t> {
     /// The dense layer `x W^T + b` as one tape op: `x` is `batch x in`, `w` is `out x in`
@@ -56,26 +56,54 @@ impl<'t> Var<'t> {
     }
 }
 
-/// Adds `bias` to every row of the matrix `s`.
+/// Adds `bias` to every row of the matrix `s`, rows split across threads when large (each
+/// element is one addition, so the bits do not depend on the split).
 pub(crate) fn add_bias_rows(s: &mut Tensor, bias: &[f32]) {
-    let n = bias.len();
-    for row in s.data_mut().chunks_mut(n) {
+    use rayon::prelude::*;
+    let n = bias.len().max(1);
+    let add = |row: &mut [f32]| {
         for (v, b) in row.iter_mut().zip(bias) {
             *v += b;
         }
+    };
+    let data = s.data_mut();
+    if data.len() >= PAR_THRESHOLD {
+        data.par_chunks_mut(n).with_min_len(64).for_each(add);
+    } else {
+        data.chunks_mut(n).for_each(add);
     }
 }
 
-/// Column sums of a `rows x cols` matrix, in row order (deterministic).
+/// Column sums of a `rows x cols` matrix, each column summed in row order (deterministic).
+/// Large matrices split their columns, never their rows, across threads, so every sum runs in
+/// the same order whatever the split.
 pub(crate) fn column_sums(m: &[f32], cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
     let mut out = vec![0.0f32; cols];
-    for row in m.chunks(cols) {
-        for (o, v) in out.iter_mut().zip(row) {
-            *o += v;
+    if cols == 0 {
+        return out;
+    }
+    let sum_block = |c0: usize, dst: &mut [f32]| {
+        for row in m.chunks(cols) {
+            for (o, v) in dst.iter_mut().zip(&row[c0..]) {
+                *o += v;
+            }
         }
+    };
+    let threads = rayon::current_num_threads();
+    if m.len() >= PAR_THRESHOLD && threads > 1 && cols >= 2 * MIN_COLUMN_BLOCK {
+        let block = cols.div_ceil(threads).max(MIN_COLUMN_BLOCK);
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, dst)| sum_block(i * block, dst));
+    } else {
+        sum_block(0, &mut out);
     }
     out
 }
+
+/// The fewest columns a thread sums in [`column_sums`] (a few cache lines of each row).
+const MIN_COLUMN_BLOCK: usize = 64;
 
 pub(super) fn linear_backward(
     x: usize,

@@ -14,7 +14,7 @@ use super::activation::{log_softmax_rows, sigmoid, softplus};
 use super::{GradSink, Op};
 use crate::rng::Rng;
 use crate::tape::Var;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, zip_slices};
 
 /// Which loss a model is trained with; it knows its predictive distribution, so it can draw the
 /// labels of the true-Fisher pass.
@@ -196,12 +196,9 @@ impl<'t> Var<'t> {
         let z = self.value();
         check_same_shape("sigmoid_bce", z.shape(), target.shape());
         let b = z.dim(0).max(1);
-        let s: f64 = z
-            .data()
-            .iter()
-            .zip(target.data())
-            .map(|(&z, &t)| (softplus(z) - t * z) as f64)
-            .sum();
+        // The terms in parallel, their sum in order (the same bits for any thread count).
+        let terms = zip_slices(z.data(), target.data(), |z, t| softplus(z) - t * z);
+        let s: f64 = terms.iter().map(|&v| v as f64).sum();
         self.tape.record(
             Op::SigmoidBce {
                 logits: self.id,

@@ -1,5 +1,7 @@
 //! 2-D max and average pooling over NCHW batches.
 
+use std::hint::select_unpredictable;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -82,28 +84,44 @@ impl<'t> Var<'t> {
         let (pi, po) = (geom.h_in * geom.w_in, geom.h_out * geom.w_out);
         let mut out = vec![0.0f32; geom.planes * po];
         let mut arg = vec![0u32; geom.planes * po];
+        let col_spans: Vec<_> = (0..geom.w_out).map(|ow| geom.span(ow, geom.w_in)).collect();
+        // Separably: the first maximum of each window's columns in every input row, then the
+        // first maximum of those down the window's rows. That is the first maximum (or first
+        // NaN) of the window in row-major order, as a single scan would find it, with short,
+        // independent select chains instead of one long branchy scan.
         out.par_chunks_mut(po.max(1))
             .zip(arg.par_chunks_mut(po.max(1)))
-            .enumerate()
-            .for_each(|(p, (o, a))| {
-                let src = &xv.data()[p * pi..(p + 1) * pi];
-                for oh in 0..geom.h_out {
-                    for ow in 0..geom.w_out {
-                        let (mut best, mut at) = (f32::NEG_INFINITY, usize::MAX);
-                        for ih in geom.span(oh, geom.h_in) {
-                            for iw in geom.span(ow, geom.w_in) {
-                                let v = src[ih * geom.w_in + iw];
-                                if at == usize::MAX || v > best || (v.is_nan() && !best.is_nan()) {
-                                    best = v;
-                                    at = ih * geom.w_in + iw;
-                                }
-                            }
+            .zip(xv.data().par_chunks(pi.max(1)))
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(hv, ha): &mut (Vec<f32>, Vec<u32>), ((o, a), src)| {
+                    hv.resize(geom.h_in * geom.w_out, 0.0);
+                    ha.resize(geom.h_in * geom.w_out, 0);
+                    for ih in 0..geom.h_in {
+                        let line = &src[ih * geom.w_in..(ih + 1) * geom.w_in];
+                        let (hvr, har) = (
+                            &mut hv[ih * geom.w_out..(ih + 1) * geom.w_out],
+                            &mut ha[ih * geom.w_out..(ih + 1) * geom.w_out],
+                        );
+                        for ((v_out, a_out), cols) in hvr.iter_mut().zip(har).zip(&col_spans) {
+                            let (best, at) = first_max(cols.clone().map(|iw| (line[iw], iw)));
+                            *v_out = best;
+                            *a_out = (ih * geom.w_in + at) as u32;
                         }
-                        o[oh * geom.w_out + ow] = best;
-                        a[oh * geom.w_out + ow] = at as u32;
                     }
-                }
-            });
+                    for oh in 0..geom.h_out {
+                        let rows = geom.span(oh, geom.h_in);
+                        for ow in 0..geom.w_out {
+                            let (best, at) =
+                                first_max(rows.clone().map(|ih| {
+                                    (hv[ih * geom.w_out + ow], ha[ih * geom.w_out + ow])
+                                }));
+                            o[oh * geom.w_out + ow] = best;
+                            a[oh * geom.w_out + ow] = at;
+                        }
+                    }
+                },
+            );
         let mut shape = xv.shape().to_vec();
         shape[2] = geom.h_out;
         shape[3] = geom.w_out;
@@ -154,6 +172,21 @@ impl<'t> Var<'t> {
     }
 }
 
+/// The first largest value of a non-empty sequence and its tag; a NaN counts as larger than
+/// any number (so the first NaN wins). Selects rather than branches.
+#[inline(always)]
+fn first_max<T: Copy>(mut items: impl Iterator<Item = (f32, T)>) -> (f32, T) {
+    let (mut best, mut at) = items.next().expect("a pooling window is never empty");
+    for (v, tag) in items {
+        let take = (v > best) | (v.is_nan() & !best.is_nan());
+        // On the bits: an integer select compiles to a conditional move, a float one to a
+        // branch that the data mispredicts.
+        best = f32::from_bits(select_unpredictable(take, v.to_bits(), best.to_bits()));
+        at = select_unpredictable(take, tag, at);
+    }
+    (best, at)
+}
+
 pub(super) fn max_pool_backward(
     x: usize,
     geom: &PoolGeom,
@@ -193,4 +226,69 @@ pub(super) fn avg_pool_backward(x: usize, geom: &PoolGeom, g: &Tensor, sink: &mu
     });
     let shape = sink.value(x).shape().to_vec();
     sink.add(x, Tensor::from_vec(dx, &shape));
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tape::Tape;
+    use crate::tensor::Tensor;
+
+    use super::PoolGeom;
+
+    /// The first maximum (a NaN beats any number) of each window in row-major order.
+    fn reference(x: &[f32], g: &PoolGeom) -> (Vec<f32>, Vec<u32>) {
+        let (pi, po) = (g.h_in * g.w_in, g.h_out * g.w_out);
+        let mut out = vec![0.0; g.planes * po];
+        let mut arg = vec![0; g.planes * po];
+        for p in 0..g.planes {
+            for oh in 0..g.h_out {
+                for ow in 0..g.w_out {
+                    let mut at = usize::MAX;
+                    let mut best = f32::NEG_INFINITY;
+                    for ih in g.span(oh, g.h_in) {
+                        for iw in g.span(ow, g.w_in) {
+                            let v = x[p * pi + ih * g.w_in + iw];
+                            if at == usize::MAX || v > best || (v.is_nan() && !best.is_nan()) {
+                                best = v;
+                                at = ih * g.w_in + iw;
+                            }
+                        }
+                    }
+                    out[p * po + oh * g.w_out + ow] = best;
+                    arg[p * po + oh * g.w_out + ow] = at as u32;
+                }
+            }
+        }
+        (out, arg)
+    }
+
+    #[test]
+    fn max_pool_finds_the_first_maximum_and_the_first_nan() {
+        // Few distinct values, so windows hold ties; some NaNs.
+        let x: Vec<f32> = (0..2 * 3 * 7 * 8)
+            .map(|i| match (i * 37) % 11 {
+                0 if i % 5 == 0 => f32::NAN,
+                v => (v % 4) as f32 - 1.5,
+            })
+            .collect();
+        let x = Tensor::from_vec(x, &[2, 3, 7, 8]);
+        for (k, stride, padding) in [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 1), (4, 3, 2)] {
+            let g = PoolGeom::new("max_pool2d", x.shape(), k, stride, padding);
+            let (out, arg) = reference(x.data(), &g);
+            let tape = Tape::without_params();
+            let xv = tape.var(x.clone());
+            let y = xv.max_pool2d(k, stride, padding);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            let case = format!("k {k} stride {stride} padding {padding}");
+            assert_eq!(bits(y.value().data()), bits(&out), "{case}");
+            // The gradient lands on the reference's argmax.
+            let grads = tape.backward(y.sum());
+            let mut expect = vec![0.0f32; x.numel()];
+            let (pi, po) = (g.h_in * g.w_in, g.h_out * g.w_out);
+            for (o, &a) in arg.iter().enumerate() {
+                expect[(o / po) * pi + a as usize] += 1.0;
+            }
+            assert_eq!(grads.wrt(xv).unwrap().data(), &expect[..], "{case}");
+        }
+    }
 }
