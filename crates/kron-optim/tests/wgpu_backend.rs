@@ -12,8 +12,9 @@
 //! * Elementwise ops: `1e-6` relative (one rounding each side).
 //! * Trace and inner product: `1e-5` relative to the sum of absolute values.
 //! * Newton-Schulz and coupled Newton against the `f64` reference of the same (rounded) input:
-//!   relative Frobenius error under `100 * κ * 2^-24` (and under 1e-3 up to κ = 1e3); see
-//!   `iterations_on_ill_conditioned_inputs` for the measured table.
+//!   relative Frobenius error under `4 κ 2^-24` (measured: 0.1 to 0.5 times `κ 2^-24`), or a
+//!   refusal (`NotConverged`) from κ = 1e5 on; see `iterations_on_ill_conditioned_inputs` for
+//!   the measured table.
 //! * Whole KFAC runs: parameters within `2e-4 * (1 + |w|)` after five steps.
 
 #![cfg(feature = "wgpu")]
@@ -349,7 +350,7 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
 }
 
 /// Newton-Schulz (`spd_inverse`) and coupled Newton (`inv_root`, p = 1, 2, 4) on SPD inputs
-/// whose damped condition number `κ(M + dI)` runs from 1e2 to 1e6, in two shapes: a nearly
+/// whose damped condition number `κ(M + dI)` runs from 1e2 to 1e7, in two shapes: a nearly
 /// singular `M` (eigenvalues 1 .. 1e-12) made well-posed by the damping, as KFAC's factors are,
 /// and an `M` with spectrum `[1/κ, 1]` and no damping. Prints the table of iterations,
 /// residuals and errors against the `f64` reference of the same `f32` input.
@@ -364,7 +365,7 @@ fn iterations_on_ill_conditioned_inputs() {
         "{:<10} {:>7} {:<14} {:>5} {:>10} {:>10} {:>10}",
         "input", "kappa", "method", "iters", "residual", "rel err", "kappa*u"
     );
-    for kappa in [1e2, 1e3, 1e4, 1e5, 1e6] {
+    for kappa in [1e2, 1e3, 1e4, 1e5, 1e6, 1e7] {
         for shape in ["damped", "undamped"] {
             let (values, damping) = match shape {
                 "damped" => (logspace(n, 1.0, 1e-12), (1.0 / (kappa - 1.0)) as f32),
@@ -387,15 +388,9 @@ fn iterations_on_ill_conditioned_inputs() {
                         kappa * u
                     );
                     assert!(
-                        err < 100.0 * kappa * u,
+                        err < 4.0 * kappa * u,
                         "Newton-Schulz κ {kappa:e} {shape}: error {err:e}"
                     );
-                    if kappa <= 1e3 {
-                        assert!(
-                            err < 1e-3,
-                            "Newton-Schulz κ {kappa:e} {shape}: error {err:e}"
-                        );
-                    }
                     // log2(κ) iterations to enter the quadratic phase, a handful after it.
                     assert!(
                         rep.iterations as f64 <= kappa.log2() + 10.0,
@@ -432,15 +427,9 @@ fn iterations_on_ill_conditioned_inputs() {
                             kappa * u
                         );
                         assert!(
-                            err < 100.0 * kappa * u,
+                            err < 4.0 * kappa * u,
                             "coupled Newton p {p} κ {kappa:e} {shape}: error {err:e}"
                         );
-                        if kappa <= 1e3 {
-                            assert!(
-                                err < 1e-3,
-                                "coupled Newton p {p} κ {kappa:e} {shape}: error {err:e}"
-                            );
-                        }
                     }
                     Err(e) => {
                         println!(
@@ -623,6 +612,105 @@ fn kfac_on_wgpu_agrees_with_the_cpu_backend() {
                 }
                 _ => assert!(says, "eigen mode on wgpu reports the delegation"),
             }
+        }
+    }
+}
+
+/// The same run twice on the wgpu backend gives the same bits (fixed-order sums, immutable
+/// buffers), although blocks are refreshed from several threads.
+#[test]
+fn kfac_on_wgpu_repeats_to_the_bit() {
+    if gpu().is_none() {
+        return;
+    }
+    let cfg = KfacConfig::default()
+        .with_fisher(FisherKind::Empirical)
+        .with_inverse_period(1);
+    let x = Tensor::randn(&[32, 6], 0.0, 1.0, &mut Rng::new(42));
+    let (_, first, _) = twin_runs(mlp, &x, cfg);
+    let (_, second, _) = twin_runs(mlp, &x, cfg);
+    assert_eq!(first, second);
+}
+
+/// Seconds per call of `f`, after one warm-up call, over at least `reps` calls and 0.5 s.
+fn time_it(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = std::time::Instant::now();
+    let mut n = 0;
+    while n < reps || t.elapsed().as_secs_f64() < 0.5 {
+        f();
+        n += 1;
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
+
+/// Figures for the record (run with `--ignored --nocapture`): GEMM throughput and the damped
+/// inverse of a 1001 x 1001 factor, against the CPU backend on the same machine. On lavapipe
+/// these measure a software Vulkan driver's compute path on the host CPU (a correctness
+/// vehicle, not a speed claim): there a 1024 GEMM takes seconds and the 1001 Newton-Schulz
+/// minutes.
+#[test]
+#[ignore = "timings, run on demand"]
+fn figures() {
+    let Some(be) = gpu() else { return };
+    let c = cpu();
+    println!("adapter: {}", be.name());
+    for n in [256usize, 512, 1024] {
+        let a = randn(n, n, 50);
+        let b = randn(n, n, 51);
+        let (ga, gb) = (be.upload(&a), be.upload(&b));
+        let reps = if n > 512 { 1 } else { 3 };
+        let t = time_it(reps, || {
+            let _ = be.gemm(1.0, &ga, false, &gb, false);
+            be.synchronize();
+        });
+        let (ca, cb) = (c.upload(&a), c.upload(&b));
+        let tc = time_it(3, || {
+            let _ = c.gemm(1.0, &ca, false, &cb, false);
+        });
+        let flops = 2.0 * (n as f64).powi(3);
+        println!(
+            "gemm {n}: wgpu {:.2} GFLOP/s ({:.1} ms), cpu matrixmultiply {:.1} GFLOP/s ({:.1} ms)",
+            flops / t / 1e9,
+            t * 1e3,
+            flops / tc / 1e9,
+            tc * 1e3
+        );
+    }
+    // Factors like a dense layer's A with 1000 inputs (and a 256-wide one), damping 1e-3: one
+    // timed run each (the pipelines are compiled by now).
+    for n in [257usize, 1001] {
+        let m = spd(n, 2 * n, 52);
+        let (gm, cm) = (be.upload(&m), c.upload(&m));
+        let t = std::time::Instant::now();
+        let (_, rep) = be.newton_schulz(&gm, 1e-3).unwrap();
+        let t = t.elapsed().as_secs_f64();
+        let tc = time_it(3, || {
+            let _ = c.spd_inverse(&cm, 1e-3).unwrap();
+        });
+        println!(
+            "spd_inverse {n}: wgpu Newton-Schulz {:.0} ms ({} iterations, residual {:.1e}), \
+             cpu Cholesky (f64) {:.1} ms",
+            t * 1e3,
+            rep.iterations,
+            rep.residual,
+            tc * 1e3
+        );
+        if n < 1000 {
+            let t = std::time::Instant::now();
+            let (_, rep) = be.coupled_newton(&gm, 4, 1e-3).unwrap();
+            let t = t.elapsed().as_secs_f64();
+            let tc = time_it(3, || {
+                let _ = c.inv_root(&cm, 4, 1e-3).unwrap();
+            });
+            println!(
+                "inv_root p=4 {n}: wgpu coupled Newton {:.0} ms ({} iterations, residual {:.1e}), \
+                 cpu eigh (f64) {:.1} ms",
+                t * 1e3,
+                rep.iterations,
+                rep.residual,
+                tc * 1e3
+            );
         }
     }
 }

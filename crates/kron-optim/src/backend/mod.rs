@@ -23,7 +23,7 @@ use kron_autodiff::Tensor;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "wgpu")]
-pub use self::wgpu::{FLUSH_EVERY, IterationConfig, IterationReport, WgpuBackend};
+pub use self::wgpu::{IterationConfig, IterationReport, WgpuBackend};
 pub use cpu::CpuBackend;
 
 /// The element type a backend keeps statistics and factorizations in.

@@ -4,7 +4,7 @@
 //! faer in `f64`, upload), and [`Backend::delegates_eigh`] says so.
 //!
 //! Work is recorded into one pending command encoder and submitted when something is read back
-//! (or every [`FLUSH_EVERY`] dispatches), so a step's uploads (`queue.write_buffer`, staged by
+//! (or every 64 dispatches), so a step's uploads (`queue.write_buffer`, staged by
 //! wgpu until the next submission) and kernels travel in few submissions. Buffers are never
 //! written after the kernel that creates them: every operation writes a fresh buffer, so a
 //! [`Mat`]'s clone may share its buffer and "in-place" primitives keep value semantics.
@@ -22,7 +22,7 @@ use wgpu::util::DeviceExt;
 use super::{Backend, DeviceError, Eigh, Inverse, LinalgError, Mat, Precision, Store, linalg};
 
 /// Dispatches recorded before the pending encoder is submitted even without a read-back.
-pub const FLUSH_EVERY: usize = 64;
+const FLUSH_EVERY: usize = 64;
 
 /// Workgroup size of the 1-D kernels (elementwise and reductions).
 const WG: u32 = 256;
