@@ -15,9 +15,9 @@ mod kfac;
 mod optimizer;
 mod schedule;
 
-pub use error::OptimError;
 pub use backend::{Backend, CpuBackend, Precision};
-pub use kfac::{EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt};
+pub use error::OptimError;
 pub use first_order::{Adam, AdamConfig, Sgd, SgdConfig, sgd_update};
+pub use kfac::{EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt};
 pub use optimizer::{Captures, FisherKind, OptimState, Optimizer, StepReport, Wants, check_finite};
 pub use schedule::{Decay, Schedule};

@@ -74,9 +74,13 @@ impl BlockState {
             ));
         }
         if !cap.a.all_finite() || !cap.g.all_finite() {
-            return Err("non-finite activations or gradients captured; statistics not updated".into());
+            return Err(
+                "non-finite activations or gradients captured; statistics not updated".into(),
+            );
         }
-        let examples = cfg.stats_examples.map_or(cap.batch, |n| n.clamp(1, cap.batch));
+        let examples = cfg
+            .stats_examples
+            .map_or(cap.batch, |n| n.clamp(1, cap.batch));
         let rows = examples * cap.locations;
         let xa = be.upload_rows(&cap.a, Some(rows));
         let xg = be.upload_rows(&cap.g, Some(rows));
@@ -90,7 +94,13 @@ impl BlockState {
             .g
             .clone()
             .unwrap_or_else(|| be.zeros(self.info.g_dim(), self.info.g_dim()));
-        be.factor_ema(&mut a, &xa, cap.has_bias, (1.0 - decay) / examples as f32, decay);
+        be.factor_ema(
+            &mut a,
+            &xa,
+            cap.has_bias,
+            (1.0 - decay) / examples as f32,
+            decay,
+        );
         be.factor_ema(
             &mut g,
             &xg,
@@ -112,14 +122,24 @@ impl BlockState {
         let (Some(a), Some(g)) = (&self.a, &self.g) else {
             return (lambda.sqrt(), lambda.sqrt());
         };
-        let p = pi(be.trace(a), self.info.a_dim(), be.trace(g), self.info.g_dim());
+        let p = pi(
+            be.trace(a),
+            self.info.a_dim(),
+            be.trace(g),
+            self.info.g_dim(),
+        );
         (p * lambda.sqrt(), lambda.sqrt() / p)
     }
 
     /// Recomputes the preconditioner with damping `lambda * boost`. On failure the last good
     /// one stays and the boost grows by `cfg.failure_factor`; on success the boost returns to 1.
     /// Returns a note for the report, if any.
-    pub(crate) fn refresh(&mut self, cfg: &KfacConfig, be: &dyn Backend, lambda: f32) -> Option<String> {
+    pub(crate) fn refresh(
+        &mut self,
+        cfg: &KfacConfig,
+        be: &dyn Backend,
+        lambda: f32,
+    ) -> Option<String> {
         let (Some(a), Some(g)) = (&self.a, &self.g) else {
             return None;
         };
