@@ -13,6 +13,7 @@
 //! ```
 
 use kron::autodiff::Rng;
+use kron::layers::Module;
 use kron::optim::{Kfac, KfacConfig, Optimizer, Sgd, SgdConfig, StepReport};
 use kron::train_step;
 use kron_benches::{GemmSet, Samples, Workload, load_average, time};
@@ -308,26 +309,32 @@ fn kfac_table(rounds: usize) {
         fl.refresh / 1e9
     );
     println!(
-        "  {:<14} {:>9} {:>9} {:>8} {:>9} {:>10} {:>8} | {:>9} {:>9} {:>9}",
+        "  {:<14} {:>9} {:>9} {:>7} | {:>6} {:>7} {:>8} | {:>6} {:>7} {:>8} | {:>8} {:>9} {:>10}",
         "optimizer",
         "median",
         "best",
         "ratio",
         "GFLOP",
-        "FLOP ratio",
+        "FLOP x",
+        "ratio/FL",
+        "lean",
+        "FLOP x",
         "ratio/FL",
         "stats ms",
         "update ms",
         "refresh ms"
     );
     for (i, r) in runs.iter().enumerate() {
-        let flops = match i {
-            0 => fl.sgd_step,
-            1 => fl.kfac_step(1, PERIOD as u64),
-            _ => fl.kfac_step(10, PERIOD as u64),
+        let period = |stats| match i {
+            0 => (fl.sgd_step, fl.sgd_step),
+            _ => (
+                fl.kfac_step(stats, PERIOD as u64),
+                fl.lean_kfac_step(stats, PERIOD as u64),
+            ),
         };
+        let (flops, lean) = period(if i == 1 { 1 } else { 10 });
         let ratio = r.per_step.median() / sgd;
-        let fr = flops / fl.sgd_step;
+        let (fr, lr) = (flops / fl.sgd_step, lean / fl.sgd_step);
         let n = r.reports.len().max(1) as f64;
         let stats: f64 = r.reports.iter().map(|x| x.stats_ms).sum::<f64>() / n;
         let update: f64 = r.reports.iter().map(|x| x.update_ms).sum::<f64>() / n;
@@ -342,7 +349,7 @@ fn kfac_table(rounds: usize) {
             refresh.0.push(0.0);
         }
         println!(
-            "  {:<14} {:>7.1}ms {:>7.1}ms {:>7.2}x {:>9.2} {:>9.2}x {:>8.2} | {:>9.1} {:>9.1} {:>9.1}",
+            "  {:<14} {:>7.1}ms {:>7.1}ms {:>6.2}x | {:>6.2} {:>6.2}x {:>8.2} | {:>6.2} {:>6.2}x {:>8.2} | {:>8.1} {:>9.1} {:>10.1}",
             r.label,
             r.per_step.median() * 1e3,
             r.per_step.best() * 1e3,
@@ -350,13 +357,44 @@ fn kfac_table(rounds: usize) {
             flops / 1e9,
             fr,
             ratio / fr,
+            lean / 1e9,
+            lr,
+            ratio / lr,
             stats,
             update,
             refresh.median() * 1e3
         );
     }
     println!(
+        "  GFLOP: as kron runs the step (factor products as full GEMMs, the sampled pass with weight gradients); lean: symmetric factor products and the sampled pass without weight gradients"
+    );
+    println!(
         "  goals: KFAC stats/1 <= 2.5x SGD, stats/10 <= 1.8x; stats/update ms are per step (amortized), refresh ms is the median refresh itself"
+    );
+    sampled_backward(5);
+}
+
+/// The true-Fisher pass on the autoencoder: a backward sweep from the sampled-label loss with
+/// parameter gradients (`Tape::backward`) and for the captures alone
+/// (`Tape::backward_captures`), alternating.
+fn sampled_backward(reps: usize) {
+    use kron::autodiff::Tape;
+    let w = Workload::autoencoder(1000, 11);
+    let tape = Tape::new(&w.params).capturing(w.blocks().iter().map(|b| b.layer));
+    let out = w.model.forward(tape.input(w.inputs.clone()));
+    std::hint::black_box(tape.backward(w.loss.apply(out, &w.targets)));
+    let sampled = w.loss.sample(&out.value(), &mut Rng::new(2));
+    let ls = w.loss.apply(out, &sampled);
+    let (mut full, mut alone) = (Samples::default(), Samples::default());
+    for _ in 0..reps {
+        full.push(time(|| tape.backward(ls)).0);
+        alone.push(time(|| tape.backward_captures(ls)).0);
+    }
+    println!(
+        "  sampled-label backward: with parameter gradients {:.1} ms, captures alone {:.1} ms (medians of {reps}) [load {}]",
+        full.median() * 1e3,
+        alone.median() * 1e3,
+        load()
     );
 }
 

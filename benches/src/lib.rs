@@ -278,6 +278,15 @@ impl KfacFlops {
             + self.precondition
             + self.refresh / inverse_period as f64
     }
+
+    /// [`KfacFlops::kfac_step`] with the work a step needs at least: symmetric factor products
+    /// (half a GEMM) and a sampled pass without weight gradients.
+    pub fn lean_kfac_step(&self, stats_period: u64, inverse_period: u64) -> f64 {
+        self.sgd_step
+            + (self.sampled_backward_min + 0.5 * self.factors) / stats_period as f64
+            + self.precondition
+            + self.refresh / inverse_period as f64
+    }
 }
 
 /// One GEMM `c = op(a) op(b)` of a step: `m x k` times `k x n`.

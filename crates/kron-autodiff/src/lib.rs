@@ -15,6 +15,7 @@
 //! * [`testing`]: the finite-difference gradient checker the tests of every crate use.
 //! * [`io`]: safetensors files, written atomically and read with errors that say what is wrong.
 
+mod alloc;
 mod capture;
 mod gemm;
 mod gradients;

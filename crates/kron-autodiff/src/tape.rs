@@ -199,6 +199,24 @@ impl<'s> Tape<'s> {
     /// If `loss` is not a single value or belongs to another tape.
     #[track_caller]
     pub fn backward(&self, loss: Var<'_>) -> Gradients {
+        self.sweep(loss, true)
+    }
+
+    /// A reverse sweep from `loss` for the captures alone: like [`Tape::backward`], but no
+    /// parameter takes a gradient, so the dense and conv layers skip their weight-gradient
+    /// products (and bias sums), about a third of the work of a backward pass through them.
+    /// This is the true-Fisher pass, whose parameter gradients are not needed. The captures
+    /// (and the gradients of [`Tape::var`] leaves) have the same bits as [`Tape::backward`]'s.
+    ///
+    /// # Panics
+    /// As [`Tape::backward`].
+    #[track_caller]
+    pub fn backward_captures(&self, loss: Var<'_>) -> Gradients {
+        self.sweep(loss, false)
+    }
+
+    #[track_caller]
+    fn sweep(&self, loss: Var<'_>, with_params: bool) -> Gradients {
         assert!(
             std::ptr::eq(
                 loss.tape as *const Tape<'_> as *const u8,
@@ -233,6 +251,7 @@ impl<'s> Tape<'s> {
                     let mut sink = ops::GradSink {
                         nodes: &nodes,
                         grads: &mut grads,
+                        params: with_params,
                     };
                     if let Some(cap) = ops::backward(op, &node.value, &g, &mut sink, &self.capture)
                     {
@@ -270,5 +289,49 @@ impl<'t> Var<'t> {
 impl std::fmt::Debug for Var<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Var#{}{:?}", self.id, self.shape())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{ParamStore, Rng, Tape, Tensor};
+
+    #[test]
+    fn captures_alone_match_a_full_backward_bit_for_bit() {
+        let mut rng = Rng::new(4);
+        let mut store = ParamStore::new();
+        let conv = store.add_layer("conv");
+        let cw = store.add(
+            "conv.weight",
+            Tensor::randn(&[4, 2, 3, 3], 0.0, 0.3, &mut rng),
+        );
+        let cb = store.add("conv.bias", Tensor::randn(&[4], 0.0, 0.1, &mut rng));
+        let fc = store.add_layer("fc");
+        let w = store.add(
+            "fc.weight",
+            Tensor::randn(&[3, 4 * 5 * 5], 0.0, 0.1, &mut rng),
+        );
+        let b = store.add("fc.bias", Tensor::randn(&[3], 0.0, 0.1, &mut rng));
+        let x = Tensor::randn(&[6, 2, 5, 5], 0.0, 1.0, &mut rng);
+        let tape = Tape::new(&store).capturing([conv, fc]);
+        let xv = tape.var(x);
+        let h = xv
+            .conv2d(tape.param(cw), Some(tape.param(cb)), 1, 1, Some(conv))
+            .tanh()
+            .flatten();
+        let out = h.linear(tape.param(w), Some(tape.param(b)), Some(fc));
+        let loss = out.cross_entropy(&[0, 1, 2, 0, 1, 2]);
+        let full = tape.backward(loss);
+        let alone = tape.backward_captures(loss);
+        for id in [cw, cb, w, b] {
+            assert!(full.get(id).is_some());
+            assert!(alone.get(id).is_none());
+        }
+        for layer in [conv, fc] {
+            let (f, a) = (full.capture(layer).unwrap(), alone.capture(layer).unwrap());
+            assert_eq!(f.a, a.a);
+            assert_eq!(f.g, a.g);
+        }
+        assert_eq!(full.wrt(xv), alone.wrt(xv));
     }
 }

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{GradSink, Op};
+use crate::alloc::zeroed;
 use crate::capture::LayerCapture;
 use crate::gemm::gemm;
 use crate::ops::linear::column_sums;
@@ -103,11 +104,17 @@ fn column_runs(geom: &ConvGeom) -> Vec<(usize, usize, usize)> {
 /// The im2col patch matrix of an NCHW batch: `(N * T) x (C * kh * kw)`, rows in `(n, t)` order,
 /// columns in `(c, kh, kw)` order, zeros where the kernel overhangs the padding.
 pub fn im2col(x: &[f32], geom: &ConvGeom) -> Vec<f32> {
-    let (t_len, k_len) = (geom.locations(), geom.patch_len());
+    let mut out = zeroed(geom.batch * geom.locations() * geom.patch_len());
+    im2col_into(x, geom, &mut out);
+    out
+}
+
+/// [`im2col`] of the images of `x` into `out` (zeros, one block of `T x K` per image),
+/// image-parallel.
+fn im2col_into(x: &[f32], geom: &ConvGeom, out: &mut [f32]) {
     let img = geom.in_ch * geom.h_in * geom.w_in;
     let runs = column_runs(geom);
-    let mut out = vec![0.0f32; geom.batch * t_len * k_len];
-    out.par_chunks_mut((t_len * k_len).max(1))
+    out.par_chunks_mut((geom.locations() * geom.patch_len()).max(1))
         .zip(x.par_chunks(img.max(1)))
         .for_each(|(dst, src)| match geom.kw {
             // Whole kernel rows of the common widths copy as fixed-size arrays.
@@ -115,7 +122,6 @@ pub fn im2col(x: &[f32], geom: &ConvGeom) -> Vec<f32> {
             5 => im2col_image::<5>(src, geom, &runs, dst),
             _ => im2col_image::<0>(src, geom, &runs, dst),
         });
-    out
 }
 
 /// The patch rows of one image; `KW` is the kernel width when it is known at compile time
@@ -260,22 +266,28 @@ impl<'t> Var<'t> {
                     wv.shape()
                 );
             }
-            let patches = im2col(xv.data(), &geom);
+            // A few images at a time: their patches (kept whole for the backward pass and
+            // the capture), their GEMM while the patches are in cache, and their rows into
+            // NCHW with the bias. Rows of a GEMM do not depend on how the rows are split.
             let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
-            let mut s = vec![0.0f32; nt * oc];
-            gemm(
-                nt,
-                k,
-                oc,
-                1.0,
-                &patches,
-                false,
-                wv.data(),
-                true,
-                0.0,
-                &mut s,
-            );
-            let out = rows_to_nchw(&s, &geom, bias.as_ref().map(|b| b.data()));
+            let (t_len, img) = (geom.locations(), geom.in_ch * geom.h_in * geom.w_in);
+            let images = (BLOCK / (t_len * k).max(1)).clamp(1, geom.batch.max(1));
+            let mut patches = zeroed(nt * k);
+            let mut out = vec![0.0f32; geom.batch * oc * t_len];
+            let mut s = vec![0.0f32; images * t_len * oc];
+            let bias = bias.as_ref().map(|b| b.data());
+            for (n0, (pb, ob)) in (0..geom.batch).step_by(images).zip(
+                patches
+                    .chunks_mut(images * t_len * k)
+                    .zip(out.chunks_mut(images * oc * t_len)),
+            ) {
+                let rows = pb.len() / k.max(1);
+                let nb = rows / t_len.max(1);
+                im2col_into(&xv.data()[n0 * img..(n0 + nb) * img], &geom, pb);
+                let sb = &mut s[..rows * oc];
+                gemm(rows, k, oc, 1.0, pb, false, wv.data(), true, 0.0, sb);
+                rows_to_nchw(sb, &geom, bias, ob);
+            }
             let patches = Tensor::from_vec(patches, &[nt, k]);
             (
                 Tensor::from_vec(out, &[geom.batch, oc, geom.h_out, geom.w_out]),
@@ -300,14 +312,12 @@ impl<'t> Var<'t> {
     }
 }
 
-/// `(N*T) x out` rows to NCHW, adding the bias.
-fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>) -> Vec<f32> {
+/// `(N*T) x out` rows of whole images to NCHW in `out`, adding the bias.
+fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, out: &mut [f32]) {
     let (t_len, oc) = (geom.locations(), geom.out_ch);
-    let mut out = vec![0.0f32; geom.batch * oc * t_len];
     out.par_chunks_mut((oc * t_len).max(1))
-        .enumerate()
-        .for_each(|(n, dst)| {
-            let src = &s[n * t_len * oc..(n + 1) * t_len * oc];
+        .zip(s.par_chunks((t_len * oc).max(1)))
+        .for_each(|(dst, src)| {
             for o in 0..oc {
                 let b = bias.map_or(0.0, |b| b[o]);
                 for t in 0..t_len {
@@ -315,7 +325,6 @@ fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>) -> Vec<f32> {
                 }
             }
         });
-    out
 }
 
 /// NCHW gradient to `(N*T) x out` rows.
@@ -335,8 +344,9 @@ fn nchw_to_rows(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
     out
 }
 
-/// Elements (4 MiB) of patch gradient the backward pass builds at a time (a few images' worth).
-const COL2IM_BLOCK: usize = (4 << 20) / std::mem::size_of::<f32>();
+/// Elements (4 MiB) of patches, or of their gradient, that the forward and backward passes
+/// work on at a time (a few images' worth, so that they stay in cache between steps).
+const BLOCK: usize = (4 << 20) / std::mem::size_of::<f32>();
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv2d_backward(
@@ -379,7 +389,7 @@ pub(super) fn conv2d_backward(
         // image gradient while it is still in cache (the whole `(N*T) x K` matrix is never
         // built). Rows of a GEMM do not depend on how the rows are split, nor do col2im's sums.
         let per_image = geom.locations() * k;
-        let images = (COL2IM_BLOCK / per_image.max(1)).clamp(1, geom.batch.max(1));
+        let images = (BLOCK / per_image.max(1)).clamp(1, geom.batch.max(1));
         let img = geom.in_ch * geom.h_in * geom.w_in;
         let mut dx = vec![0.0f32; geom.batch * img];
         let mut dp = vec![0.0f32; images * per_image];
@@ -490,7 +500,7 @@ mod tests {
     }
 
     #[test]
-    fn input_gradient_in_blocks_equals_one_whole_gemm_and_col2im() {
+    fn blocks_of_images_equal_whole_gemms() {
         let mut rng = Rng::new(5);
         let (n, c, h, w, oc) = (10, 64, 16, 16, 8);
         let x = Tensor::randn(&[n, c, h, w], 0.0, 1.0, &mut rng);
@@ -498,7 +508,7 @@ mod tests {
         let r = Tensor::randn(&[n, oc, h, w], 0.0, 1.0, &mut rng);
         let geom = ConvGeom::new(x.shape(), wt.shape(), 1, 1);
         // Several blocks of images, the last one partial.
-        let per_block = COL2IM_BLOCK / (geom.locations() * geom.patch_len());
+        let per_block = BLOCK / (geom.locations() * geom.patch_len());
         assert!(per_block > 1 && n % per_block != 0 && n > per_block);
 
         let tape = crate::Tape::without_params();
@@ -507,6 +517,24 @@ mod tests {
         let grads = tape.backward((y * tape.input(r.clone())).sum());
 
         let (nt, k) = (n * geom.locations(), geom.patch_len());
+        // The forward pass in blocks, too, against one whole GEMM.
+        let mut rows = vec![0.0f32; nt * oc];
+        let patches = im2col(x.data(), &geom);
+        gemm(
+            nt,
+            k,
+            oc,
+            1.0,
+            &patches,
+            false,
+            wt.data(),
+            true,
+            0.0,
+            &mut rows,
+        );
+        let mut expect = vec![0.0f32; nt * oc];
+        rows_to_nchw(&rows, &geom, None, &mut expect);
+        assert_eq!(y.value().data(), &expect[..]);
         let g_rows = nchw_to_rows(r.data(), &geom);
         let mut dp = vec![0.0f32; nt * k];
         gemm(

@@ -97,12 +97,15 @@ pub(crate) enum Op {
 pub(crate) struct GradSink<'a> {
     pub(crate) nodes: &'a [Node],
     pub(crate) grads: &'a mut [Option<Tensor>],
+    /// Whether parameter leaves take gradients (not in a sweep for the captures alone).
+    pub(crate) params: bool,
 }
 
 impl GradSink<'_> {
     /// Whether node `id` needs a gradient at all (skip the work if not).
     pub(crate) fn needs(&self, id: usize) -> bool {
-        self.nodes[id].requires_grad
+        let node = &self.nodes[id];
+        node.requires_grad && (self.params || !matches!(node.op, Op::Param(_)))
     }
 
     /// The forward value of node `id`.
@@ -112,7 +115,7 @@ impl GradSink<'_> {
 
     /// Adds `g` to the gradient of node `id`.
     pub(crate) fn add(&mut self, id: usize, g: Tensor) {
-        if !self.nodes[id].requires_grad {
+        if !self.needs(id) {
             return;
         }
         debug_assert_eq!(g.shape(), self.nodes[id].value.shape(), "gradient shape");
