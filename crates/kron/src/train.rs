@@ -51,7 +51,7 @@ pub fn train_step(
             Some(FisherKind::Sampled) => {
                 let sampled = loss.sample(&out.value(), &mut sample_rng);
                 let ls = loss.apply(out, &sampled);
-                tape.backward(ls).take_captures()
+                tape.backward_captures(ls).take_captures()
             }
             Some(FisherKind::Empirical) => grads.take_captures(),
             None => Captures::new(),
