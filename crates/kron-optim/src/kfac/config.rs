@@ -110,26 +110,36 @@ pub struct KfacConfig {
     pub fallback: Fallback,
 }
 
+impl KfacConfig {
+    /// The defaults as a constant (what [`Default`] returns), for `const` configurations:
+    /// `KfacConfig { inverse_period: 10, ..KfacConfig::DEFAULT }`.
+    pub const DEFAULT: KfacConfig = KfacConfig {
+        schedule: Schedule {
+            base: 0.1,
+            warmup: 0,
+            decay: crate::schedule::Decay::Constant,
+        },
+        momentum: 0.9,
+        weight_decay: 0.0,
+        damping: 1e-3,
+        method: InverseMethod::Inverse,
+        ema_decay: 0.95,
+        stats_period: 1,
+        conv_stats_period: 10,
+        stats_examples: None,
+        inverse_period: 20,
+        fisher: FisherKind::Sampled,
+        kl_clip: Some(1e-3),
+        adaptive_damping: None,
+        failure_factor: 10.0,
+        precision: Precision::F32,
+        fallback: Fallback::Sgd,
+    };
+}
+
 impl Default for KfacConfig {
     fn default() -> Self {
-        KfacConfig {
-            schedule: Schedule::constant(0.1),
-            momentum: 0.9,
-            weight_decay: 0.0,
-            damping: 1e-3,
-            method: InverseMethod::Inverse,
-            ema_decay: 0.95,
-            stats_period: 1,
-            conv_stats_period: 10,
-            stats_examples: None,
-            inverse_period: 20,
-            fisher: FisherKind::Sampled,
-            kl_clip: Some(1e-3),
-            adaptive_damping: None,
-            failure_factor: 10.0,
-            precision: Precision::F32,
-            fallback: Fallback::Sgd,
-        }
+        Self::DEFAULT
     }
 }
 
