@@ -33,14 +33,19 @@ pub enum Unary {
 const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
 const GELU_A: f32 = 0.044_715;
 
-/// The logistic sigmoid of one value.
+/// The logistic sigmoid of one value: `1 / (1 + e^-x)` for `x >= 0` and `e^x / (1 + e^x)`
+/// below, so the exponential never overflows.
 pub fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    // One exponential, `e^-|x|`, serves both forms; choosing between them by a select rather
+    // than a branch keeps inputs of either sign from mispredicting.
+    let e = (-x.abs()).exp();
+    let d = 1.0 + e;
+    let (pos, neg) = (1.0 / d, e / d);
+    f32::from_bits(std::hint::select_unpredictable(
+        x >= 0.0,
+        pos.to_bits(),
+        neg.to_bits(),
+    ))
 }
 
 /// `ln(1 + e^x)` without overflow.
@@ -312,4 +317,28 @@ pub(super) fn log_softmax_backward(x: usize, out: &Tensor, g: &Tensor, sink: &mu
         }
     }
     sink.add(x, Tensor::from_vec(gx, out.shape()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sigmoid;
+
+    #[test]
+    fn sigmoid_has_the_bits_of_its_two_sided_definition() {
+        let reference = |x: f32| {
+            if x >= 0.0 {
+                1.0 / (1.0 + (-x).exp())
+            } else {
+                let e = x.exp();
+                e / (1.0 + e)
+            }
+        };
+        let special = [0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 104.0, -104.0];
+        let inf = [f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN];
+        let grid = (-4000..=4000).map(|i| i as f32 * 0.01);
+        for x in special.into_iter().chain(inf).chain(grid) {
+            assert_eq!(sigmoid(x).to_bits(), reference(x).to_bits(), "x = {x}");
+        }
+        assert!(sigmoid(f32::NAN).is_nan());
+    }
 }
