@@ -113,6 +113,7 @@ pub struct KfacConfig {
 impl KfacConfig {
     /// The defaults as a constant (what [`Default`] returns), for `const` configurations:
     /// `KfacConfig { inverse_period: 10, ..KfacConfig::DEFAULT }`.
+    // ANCHOR: kfac_default
     pub const DEFAULT: KfacConfig = KfacConfig {
         schedule: Schedule {
             base: 0.1,
@@ -135,6 +136,7 @@ impl KfacConfig {
         precision: Precision::F32,
         fallback: Fallback::Sgd,
     };
+    // ANCHOR_END: kfac_default
 }
 
 impl Default for KfacConfig {
