@@ -220,8 +220,8 @@ impl Workload {
         }
         KfacFlops {
             sgd_step: forward + input_grads + weight_grads,
-            sampled_backward: input_grads + weight_grads,
-            sampled_backward_min: input_grads,
+            sampled_backward: input_grads,
+            sampled_backward_full: input_grads + weight_grads,
             factors,
             precondition,
             refresh,
@@ -256,11 +256,11 @@ impl Fnv {
 pub struct KfacFlops {
     /// Forward and backward GEMMs, which is all an SGD step does at scale.
     pub sgd_step: f64,
-    /// The sampled-label backward pass as the tape runs it (input and weight gradients).
+    /// The sampled-label backward pass for the captures alone (`Tape::backward_captures`,
+    /// what `kron::train_step` runs): the input-gradient products.
     pub sampled_backward: f64,
-    /// The sampled-label backward pass if it computed only the input gradients (its weight
-    /// gradients are not needed).
-    pub sampled_backward_min: f64,
+    /// The sampled-label backward pass with weight gradients too (`Tape::backward`).
+    pub sampled_backward_full: f64,
     /// The factor products `a^T a` and `g^T g` as full GEMMs (a symmetric product needs half).
     pub factors: f64,
     /// The two-sided preconditioning `G^-1 V A^-1` of every block.
@@ -279,11 +279,11 @@ impl KfacFlops {
             + self.refresh / inverse_period as f64
     }
 
-    /// [`KfacFlops::kfac_step`] with the work a step needs at least: symmetric factor products
-    /// (half a GEMM) and a sampled pass without weight gradients.
+    /// [`KfacFlops::kfac_step`] with symmetric factor products (half a GEMM each), the least
+    /// the step needs.
     pub fn lean_kfac_step(&self, stats_period: u64, inverse_period: u64) -> f64 {
         self.sgd_step
-            + (self.sampled_backward_min + 0.5 * self.factors) / stats_period as f64
+            + (self.sampled_backward + 0.5 * self.factors) / stats_period as f64
             + self.precondition
             + self.refresh / inverse_period as f64
     }
