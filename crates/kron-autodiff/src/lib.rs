@@ -11,6 +11,9 @@
 //!   ([`Tape::capturing`]) keeps its input activations `a` and its pre-activation gradients
 //!   `g` ([`LayerCapture`]), from which the Kronecker factors of KFAC and KFC follow
 //!   ([`LayerCapture::a_factor`], [`LayerCapture::g_factor`]).
+//! * **Forward-mode products**: [`Tape::jvp`] pushes a parameter direction through the
+//!   recorded ops, and [`Tape::ggn_gram`] gives the exact mini-batch Gauss-Newton (Fisher)
+//!   quadratic forms `d_i^T F d_j` of a few directions, for quadratic models.
 //! * [`Rng`]: the seeded, serializable generator behind every random draw.
 //! * [`testing`]: the finite-difference gradient checker the tests of every crate use.
 //! * [`io`]: safetensors files, written atomically and read with errors that say what is wrong.
@@ -31,7 +34,7 @@ pub use capture::LayerCapture;
 pub use gemm::gemm;
 pub use gradients::Gradients;
 pub use ops::loss::{LossKind, Targets};
-pub use ops::{ConvGeom, PoolGeom, Unary};
+pub use ops::{ConvGeom, Direction, PoolGeom, Unary};
 pub use param::{LayerId, ParamId, ParamStore};
 pub use rng::Rng;
 pub use tape::{Tape, Var};

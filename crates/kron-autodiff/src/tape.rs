@@ -181,6 +181,10 @@ impl<'s> Tape<'s> {
         self.push(op, value, rg)
     }
 
+    pub(crate) fn nodes_ref(&self) -> Ref<'_, Vec<Node>> {
+        self.nodes.borrow()
+    }
+
     pub(crate) fn value_of(&self, id: usize) -> Ref<'_, Tensor> {
         Ref::map(self.nodes.borrow(), |n| &n[id].value)
     }

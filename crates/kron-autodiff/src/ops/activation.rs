@@ -282,11 +282,16 @@ pub(super) fn unary_backward(
     g: &Tensor,
     sink: &mut GradSink<'_>,
 ) {
-    let xv = sink.value(x);
-    let (xd, yd, gd) = (xv.data(), out.data(), g.data());
-    let d = per_unary!(u, f => unary_grad(xd, yd, gd, move |x, y| f().derivative(x, y)));
-    let gx = Tensor::from_vec(d, xv.shape());
+    let gx = unary_jvp(sink.value(x), u, out, g);
     sink.add(x, gx);
+}
+
+/// `t * f'(x, y)` elementwise: the reverse rule (with `t` the output gradient) and the tangent
+/// rule (with `t` the input tangent) of an elementwise function are the same product.
+pub(super) fn unary_jvp(xv: &Tensor, u: Unary, out: &Tensor, t: &Tensor) -> Tensor {
+    let (xd, yd, td) = (xv.data(), out.data(), t.data());
+    let d = per_unary!(u, f => unary_grad(xd, yd, td, move |x, y| f().derivative(x, y)));
+    Tensor::from_vec(d, xv.shape())
 }
 
 /// `g * f'(x, y)` elementwise, split across threads when large (same bits either way).

@@ -252,7 +252,7 @@ impl<'t> Var<'t> {
         layer: Option<LayerId>,
     ) -> Var<'t> {
         let tape = self.tape;
-        let (value, geom, patches) = {
+        let (value, patches, geom) = {
             let xv = tape.value_of(self.id);
             let wv = tape.value_of(w.id);
             let geom = ConvGeom::new(xv.shape(), wv.shape(), stride, padding);
@@ -266,34 +266,7 @@ impl<'t> Var<'t> {
                     wv.shape()
                 );
             }
-            // A few images at a time: their patches (kept whole for the backward pass and
-            // the capture), their GEMM while the patches are in cache, and their rows into
-            // NCHW with the bias. Rows of a GEMM do not depend on how the rows are split.
-            let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
-            let (t_len, img) = (geom.locations(), geom.in_ch * geom.h_in * geom.w_in);
-            let images = (BLOCK / (t_len * k).max(1)).clamp(1, geom.batch.max(1));
-            let mut patches = zeroed(nt * k);
-            let mut out = vec![0.0f32; geom.batch * oc * t_len];
-            let mut s = vec![0.0f32; images * t_len * oc];
-            let bias = bias.as_ref().map(|b| b.data());
-            for (n0, (pb, ob)) in (0..geom.batch).step_by(images).zip(
-                patches
-                    .chunks_mut(images * t_len * k)
-                    .zip(out.chunks_mut(images * oc * t_len)),
-            ) {
-                let rows = pb.len() / k.max(1);
-                let nb = rows / t_len.max(1);
-                im2col_into(&xv.data()[n0 * img..(n0 + nb) * img], &geom, pb);
-                let sb = &mut s[..rows * oc];
-                gemm(rows, k, oc, 1.0, pb, false, wv.data(), true, 0.0, sb);
-                rows_to_nchw(sb, &geom, bias, ob);
-            }
-            let patches = Tensor::from_vec(patches, &[nt, k]);
-            (
-                Tensor::from_vec(out, &[geom.batch, oc, geom.h_out, geom.w_out]),
-                geom,
-                patches,
-            )
+            forward(&xv, &wv, &geom, bias.as_ref().map(Tensor::data))
         };
         let mut parents = vec![self.id, w.id];
         parents.extend(b.map(|b| b.id));
@@ -310,6 +283,56 @@ impl<'t> Var<'t> {
             &parents,
         )
     }
+}
+
+/// The convolution of `x` with `w` (and `bias`) in the geometry `geom`: the NCHW output and the
+/// `(N*T) x (in*kh*kw)` patch matrix it was computed from.
+///
+/// A few images at a time: their patches (kept whole for the backward pass and the capture),
+/// their GEMM while the patches are in cache, and their rows into NCHW with the bias. Rows of a
+/// GEMM do not depend on how the rows are split.
+fn forward(
+    x: &Tensor,
+    w: &Tensor,
+    geom: &ConvGeom,
+    bias: Option<&[f32]>,
+) -> (Tensor, Tensor, ConvGeom) {
+    let geom = *geom;
+    let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
+    let (t_len, img) = (geom.locations(), geom.in_ch * geom.h_in * geom.w_in);
+    let images = (BLOCK / (t_len * k).max(1)).clamp(1, geom.batch.max(1));
+    let mut patches = zeroed(nt * k);
+    let mut out = vec![0.0f32; geom.batch * oc * t_len];
+    let mut s = vec![0.0f32; images * t_len * oc];
+    for (n0, (pb, ob)) in (0..geom.batch).step_by(images).zip(
+        patches
+            .chunks_mut(images * t_len * k)
+            .zip(out.chunks_mut(images * oc * t_len)),
+    ) {
+        let rows = pb.len() / k.max(1);
+        let nb = rows / t_len.max(1);
+        im2col_into(&x.data()[n0 * img..(n0 + nb) * img], &geom, pb);
+        let sb = &mut s[..rows * oc];
+        gemm(rows, k, oc, 1.0, pb, false, w.data(), true, 0.0, sb);
+        rows_to_nchw(sb, &geom, bias, ob);
+    }
+    (
+        Tensor::from_vec(out, &[geom.batch, oc, geom.h_out, geom.w_out]),
+        Tensor::from_vec(patches, &[nt, k]),
+        geom,
+    )
+}
+
+/// The convolution of a tangent `x` with `w` (no bias) in the geometry `geom`, NCHW.
+pub(super) fn conv2d_values(x: &Tensor, w: &Tensor, geom: &ConvGeom) -> Tensor {
+    forward(x, w, geom, None).0
+}
+
+/// `(N*T) x out` rows to an NCHW tensor, adding `bias`.
+pub(super) fn rows_to_nchw_tensor(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>) -> Tensor {
+    let mut out = vec![0.0f32; geom.batch * geom.out_ch * geom.locations()];
+    rows_to_nchw(s, geom, bias, &mut out);
+    Tensor::from_vec(out, &[geom.batch, geom.out_ch, geom.h_out, geom.w_out])
 }
 
 /// `(N*T) x out` rows of whole images to NCHW in `out`, adding the bias.

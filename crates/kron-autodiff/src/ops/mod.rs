@@ -4,6 +4,7 @@
 mod activation;
 mod arith;
 pub mod conv;
+mod jvp;
 pub(crate) mod linear;
 pub mod loss;
 pub mod pool;
@@ -18,6 +19,7 @@ use crate::tensor::Tensor;
 
 pub use activation::Unary;
 pub use conv::ConvGeom;
+pub use jvp::Direction;
 pub use pool::PoolGeom;
 
 /// A recorded operation and the indices of the nodes it read.

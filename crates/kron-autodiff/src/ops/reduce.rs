@@ -60,7 +60,7 @@ pub(super) fn all_backward(op: &Op, x: usize, g: &Tensor, sink: &mut GradSink<'_
     sink.add(x, gx);
 }
 
-fn outer_inner(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+pub(super) fn outer_inner(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (
         shape[..axis].iter().product(),
         shape[axis],
