@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use kron::layers::Module;
-use kron::optim::KfacConfig;
+use kron::optim::{KfacConfig, LevenbergMarquardt, StepRule};
 use kron::prelude::*;
 
 use crate::cli::{CliError, Flags};
@@ -44,6 +44,13 @@ pub struct Config {
     pub damping: Option<f32>,
     /// `--kl-clip`: KFAC's KL clipping κ, 0 for none (default: the example's).
     pub kl_clip: Option<f32>,
+    /// `--kfac-step sgd|quadratic`: how KFAC turns its direction into a step (default: the
+    /// example's).
+    pub kfac_step: Option<StepRule>,
+    /// `--trace`: every step's report on stderr.
+    pub trace: bool,
+    /// `--lm`: Levenberg-Marquardt adaptation of KFAC's damping (default: the example's).
+    pub lm: bool,
 }
 
 impl Default for Config {
@@ -63,6 +70,9 @@ impl Default for Config {
             backend: BackendKind::Cpu,
             damping: None,
             kl_clip: None,
+            kfac_step: None,
+            lm: false,
+            trace: false,
         }
     }
 }
@@ -83,7 +93,10 @@ pub const USAGE: &str = "flags:
   --backend cpu|wgpu          where KFAC's matrix math runs (wgpu needs --features wgpu)
   --damping X                 KFAC's damping (default: the example's)
   --kl-clip X                 KFAC's KL clipping, 0 for none (default: the example's)
+  --kfac-step sgd|quadratic   KFAC's step: lr and momentum, or the quadratic model's
+  --lm                        Levenberg-Marquardt adaptation of KFAC's damping
   --quiet                     no progress bar
+  --trace                     every step's loss, step size, momentum and damping on stderr
   --help                      this text";
 // ANCHOR_END: usage
 
@@ -93,7 +106,7 @@ impl Config {
         args: impl IntoIterator<Item = String>,
         default_optimizer: OptimizerKind,
     ) -> Result<Self, CliError> {
-        let mut f = Flags::parse(args, &["fast", "quiet", "compare", "sweep", "help"])?;
+        let mut f = Flags::parse(args, &["fast", "quiet", "compare", "sweep", "lm", "trace", "help"])?;
         if f.switch("help") {
             return Err(CliError(USAGE.to_string()));
         }
@@ -120,6 +133,18 @@ impl Config {
                 .unwrap_or(BackendKind::Cpu),
             damping: f.get("damping")?,
             kl_clip: f.get("kl-clip")?,
+            kfac_step: f
+                .get::<String>("kfac-step")?
+                .map(|s| match s.as_str() {
+                    "sgd" => Ok(StepRule::Sgd),
+                    "quadratic" => Ok(StepRule::QuadraticModel),
+                    other => Err(CliError(format!(
+                        "--kfac-step: expected sgd or quadratic, found {other:?}"
+                    ))),
+                })
+                .transpose()?,
+            lm: f.switch("lm"),
+            trace: f.switch("trace"),
         };
         f.finish()?;
         Ok(c)
@@ -212,6 +237,12 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     if let Some(k) = cfg.kl_clip {
         kfac = kfac.with_kl_clip((k > 0.0).then_some(k));
     }
+    if let Some(r) = cfg.kfac_step {
+        kfac = kfac.with_step_rule(r);
+    }
+    if cfg.lm && kfac.adaptive_damping.is_none() {
+        kfac = kfac.with_adaptive_damping(Some(LevenbergMarquardt::default()));
+    }
     let optim = default_optimizer(kfac);
     let spec = RunSpec {
         optimizer: cfg.optimizer,
@@ -223,6 +254,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         eval_every: sizes.eval_every,
         quiet: cfg.quiet,
         backend: cfg.backend,
+        trace: cfg.trace,
     };
     let tuned = |k: OptimizerKind| {
         ex.lrs

@@ -216,6 +216,8 @@ pub struct RunSpec {
     pub quiet: bool,
     /// Where the optimizer's matrix math runs.
     pub backend: BackendKind,
+    /// Print every step's report (loss, step size, momentum, damping) to stderr.
+    pub trace: bool,
 }
 
 /// Builds a model into a parameter store.
@@ -377,6 +379,9 @@ pub fn run(
             match out {
                 Ok(o) => {
                     progress.update(step, o.loss);
+                    if spec.trace {
+                        trace_line(step, o.loss, &o.report);
+                    }
                     for n in o.report.notes {
                         if !n.starts_with("update KL-clipped") && !notes.contains(&n) {
                             notes.push(n);
@@ -517,4 +522,17 @@ pub fn compare(
 /// The default path of an example's CSV.
 pub fn default_csv(example: &str) -> PathBuf {
     PathBuf::from("out").join(format!("{example}.csv"))
+}
+
+/// One step's report on stderr.
+fn trace_line(step: u64, loss: f32, r: &kron::optim::StepReport) {
+    let opt = |v: Option<f32>| v.map_or("-".to_string(), |v| format!("{v:.4e}"));
+    eprintln!(
+        "step {step:>6}  loss {loss:>11.5}  step size {:.4e}  momentum {}  damping {}{}{}",
+        r.lr,
+        opt(r.momentum),
+        opt(r.damping),
+        if r.stats_updated { "  stats" } else { "" },
+        if r.refreshed { "  refresh" } else { "" },
+    );
 }

@@ -9,6 +9,7 @@
 //! NaN or infinity without changing anything.
 
 pub mod backend;
+mod curvature;
 mod error;
 mod first_order;
 mod kfac;
@@ -16,8 +17,11 @@ mod optimizer;
 mod schedule;
 
 pub use backend::{Backend, CpuBackend, Precision};
+pub use curvature::{CurvatureProducts, TapeCurvature};
 pub use error::OptimError;
 pub use first_order::{Adam, AdamConfig, Sgd, SgdConfig, sgd_update};
-pub use kfac::{EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt};
+pub use kfac::{
+    EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt, StepRule,
+};
 pub use optimizer::{Captures, FisherKind, OptimState, Optimizer, StepReport, Wants, check_finite};
 pub use schedule::{Decay, Schedule};

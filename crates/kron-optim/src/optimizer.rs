@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use kron_autodiff::{Gradients, LayerCapture, LayerId, ParamStore, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::curvature::CurvatureProducts;
 use crate::error::OptimError;
 
 /// The captured statistics handed to [`Optimizer::step`], by layer.
@@ -31,6 +32,9 @@ pub struct Wants {
     /// Whether to evaluate the loss again after the step, on the same batch, and report the
     /// actual reduction through [`Optimizer::observe_reduction`].
     pub reduction: bool,
+    /// Whether the step uses exact curvature products on the mini-batch
+    /// ([`Optimizer::step_with_curvature`]), so the tape must outlive the forward pass.
+    pub products: bool,
 }
 
 /// What happened in one step, for progress lines and logs.
@@ -48,6 +52,10 @@ pub struct StepReport {
     pub refreshed: bool,
     /// Notes on blocks whose statistics were skipped or whose refresh failed, by layer path.
     pub notes: Vec<String>,
+    /// The momentum coefficient the step chose, for methods that choose it (KFAC's quadratic
+    /// model); `lr` is then the step size it chose.
+    #[serde(default)]
+    pub momentum: Option<f32>,
     /// Milliseconds spent updating statistics.
     pub stats_ms: f64,
     /// Milliseconds spent refreshing inverses.
@@ -119,6 +127,18 @@ pub trait Optimizer: Send {
         grads: &Gradients,
         curvature: &Captures,
     ) -> Result<StepReport, OptimError>;
+
+    /// [`Optimizer::step`] with exact curvature products on the same mini-batch at hand, for
+    /// optimizers whose [`Wants::products`] is set. The default ignores them.
+    fn step_with_curvature(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+        _products: &dyn CurvatureProducts,
+    ) -> Result<StepReport, OptimError> {
+        self.step(params, grads, curvature)
+    }
 
     /// Receives the loss before and after the last step on the same batch, when
     /// [`Wants::reduction`] asked for it (Levenberg-Marquardt damping adaptation).

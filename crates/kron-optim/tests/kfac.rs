@@ -7,8 +7,8 @@ use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor}
 use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
 use kron_optim::backend::{Eigh, Inverse, LinalgError, Mat};
 use kron_optim::{
-    Backend, Captures, CpuBackend, EigenDamping, FisherKind, InverseMethod, Kfac, KfacConfig,
-    Optimizer, Precision,
+    Backend, Captures, CpuBackend, CurvatureProducts, EigenDamping, FisherKind, InverseMethod,
+    Kfac, KfacConfig, Optimizer, Precision, StepReport, StepRule, TapeCurvature,
 };
 
 /// Solves `m x = b` (dense, f64) by Gaussian elimination with partial pivoting.
@@ -537,4 +537,150 @@ fn state_round_trip_restores_everything() {
         let v = Tensor::randn(&[4, 4], 0.0, 1.0, &mut Rng::new(2));
         assert_eq!(other.precondition("0", &v), kfac.precondition("0", &v));
     }
+}
+
+/// `sum_i <a_i, b_i>` over the blocks present in both.
+fn inner(a: &[Option<Tensor>], b: &[Option<Tensor>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .filter_map(|(x, y)| {
+            let (x, y) = (x.as_ref()?, y.as_ref()?);
+            Some(
+                x.data()
+                    .iter()
+                    .zip(y.data())
+                    .map(|(&p, &q)| p as f64 * q as f64)
+                    .sum::<f64>(),
+            )
+        })
+        .sum()
+}
+
+/// `a - b` (or `(a - s b) / t`) per parameter.
+fn combine(a: &[Option<Tensor>], b: &[Option<Tensor>], s: f32, t: f32) -> Vec<Option<Tensor>> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| Some(x.as_ref()?.sub(&y.as_ref()?.scale(s)).scale(1.0 / t)))
+        .collect()
+}
+
+fn values(store: &ParamStore) -> Vec<Option<Tensor>> {
+    store.ids().map(|id| Some(store.get(id).clone())).collect()
+}
+
+/// One step with the exact mini-batch curvature products of a tape at the current point.
+fn exact_step(net: &mut Net, kfac: &mut Kfac, x: &Tensor, y: &[usize]) -> StepReport {
+    let snapshot = net.store.clone();
+    let tape = Tape::new(&snapshot).capturing(kfac.wants().capture);
+    let l = net.model.forward(tape.input(x.clone())).cross_entropy(y);
+    let mut g = tape.backward(l);
+    let c = g.take_captures();
+    kfac.step_with_curvature(&mut net.store, &g, &c, &TapeCurvature { loss: l })
+        .unwrap()
+}
+
+#[test]
+fn quadratic_model_step_minimizes_the_exact_model_in_its_plane() {
+    // delta = alpha Delta + mu delta_prev minimizes M(d) = grad^T d + 1/2 d^T (F + l I) d over
+    // the plane of Delta and delta_prev: M's gradient at delta is orthogonal to both, with F
+    // the exact mini-batch Fisher, checked here from the outside (parameters before and after).
+    let mut net = mlp(3);
+    let wd = 1e-3;
+    let cfg = empirical(KfacConfig::default())
+        .with_step_rule(StepRule::QuadraticModel)
+        .with_inverse_period(1)
+        .with_damping(0.05)
+        .with_weight_decay(wd);
+    let mut kfac = Kfac::new(&net.model, &net.store, cfg);
+    assert!(kfac.wants().products);
+    let x = Tensor::randn(&[12, 3], 0.0, 1.0, &mut Rng::new(8));
+    let y: Vec<usize> = (0..12).map(|i| (i * 7) % 2).collect();
+    let mut history = vec![values(&net.store)];
+    let mut reports = Vec::new();
+    for _ in 0..4 {
+        reports.push(exact_step(&mut net, &mut kfac, &x, &y));
+        history.push(values(&net.store));
+    }
+    assert_eq!(reports[0].momentum, Some(0.0), "no previous step to reuse");
+    let lambda = kfac.damping() as f64 + wd as f64;
+    for k in 1..4 {
+        let (alpha, mu) = (reports[k].lr, reports[k].momentum.unwrap());
+        assert!(alpha > 0.0 && mu != 0.0, "step {k}: alpha {alpha}, mu {mu}");
+        let delta = combine(&history[k + 1], &history[k], 1.0, 1.0);
+        let prev = combine(&history[k], &history[k - 1], 1.0, 1.0);
+        let proposal = combine(&delta, &prev, mu, alpha);
+        // The gradient of h (loss plus the L2 term) and the Fisher at the step's point.
+        let mut store = net.store.clone();
+        for (id, v) in store.ids().zip(&history[k]).collect::<Vec<_>>() {
+            store.set(id, v.clone().unwrap());
+        }
+        let tape = Tape::new(&store);
+        let l = net.model.forward(tape.input(x.clone())).cross_entropy(&y);
+        let g = tape.backward(l);
+        let grad: Vec<Option<Tensor>> = store
+            .ids()
+            .map(|id| Some(g.get(id)?.add(&store.get(id).scale(wd))))
+            .collect();
+        let gram = tape.ggn_gram(l, &[&proposal, &prev, &delta]);
+        for (i, d) in [(0, &proposal), (1, &prev)] {
+            let lin = inner(&grad, d);
+            let stationarity = lin + gram[i * 3 + 2] + lambda * inner(d, &delta);
+            assert!(
+                stationarity.abs() <= 2e-3 * lin.abs(),
+                "step {k}, direction {i}: dM(delta) = {stationarity:e} against grad^T d = {lin:e}"
+            );
+        }
+        let model = inner(&grad, &delta) + 0.5 * (gram[8] + lambda * inner(&delta, &delta));
+        assert!(
+            model < 0.0,
+            "step {k}: the model predicts no decrease ({model})"
+        );
+    }
+}
+
+/// Curvature products that fail.
+struct Broken;
+
+impl CurvatureProducts for Broken {
+    fn gram(&self, dirs: &[&kron_autodiff::Direction]) -> Vec<f64> {
+        vec![f64::NAN; dirs.len() * dirs.len()]
+    }
+}
+
+#[test]
+fn a_broken_quadratic_model_moves_nothing_and_says_so() {
+    let mut net = mlp(4);
+    let cfg = empirical(KfacConfig::default())
+        .with_step_rule(StepRule::QuadraticModel)
+        .with_inverse_period(1);
+    let mut kfac = Kfac::new(&net.model, &net.store, cfg);
+    let x = Tensor::randn(&[6, 3], 0.0, 1.0, &mut Rng::new(2));
+    let y = [0usize, 1, 0, 1, 1, 0];
+    let (g, c) = backward(&net, &kfac, &x, &y);
+    let before = values(&net.store);
+    let r = kfac
+        .step_with_curvature(&mut net.store, &g, &c, &Broken)
+        .unwrap();
+    assert_eq!(values(&net.store), before);
+    assert!(
+        r.notes.iter().any(|n| n.contains("quadratic model")),
+        "{:?}",
+        r.notes
+    );
+    // Without exact products the step uses the Kronecker model, and it descends.
+    let loss = |net: &Net| {
+        let tape = Tape::new(&net.store);
+        net.model
+            .forward(tape.input(x.clone()))
+            .cross_entropy(&y)
+            .value()
+            .item()
+    };
+    let start = loss(&net);
+    for _ in 0..5 {
+        let (g, c) = backward(&net, &kfac, &x, &y);
+        let r = kfac.step(&mut net.store, &g, &c).unwrap();
+        assert!(r.lr > 0.0);
+    }
+    assert!(loss(&net) < start, "{} -> {}", start, loss(&net));
 }

@@ -1,8 +1,8 @@
 //! The training step of DESIGN's contract, and evaluation helpers.
 
-use kron_autodiff::{LossKind, ParamStore, Rng, Tape, Targets, Tensor};
+use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor, Var};
 use kron_layers::Module;
-use kron_optim::{Captures, FisherKind, OptimError, Optimizer, StepReport};
+use kron_optim::{Captures, FisherKind, OptimError, Optimizer, StepReport, TapeCurvature, Wants};
 
 /// What one training step returns.
 #[derive(Clone, Debug)]
@@ -20,7 +20,9 @@ pub struct StepOutput {
 ///    the loss, and backward;
 /// 3. for the true Fisher, a loss on labels sampled from the model's own predictive
 ///    distribution (a second stream derived from `rng`) and a second backward on the same tape;
-/// 4. `opt.step(params, grads, captures)`;
+/// 4. `opt.step(params, grads, captures)`, or, when the optimizer asks for exact curvature
+///    products ([`Wants::products`]), `opt.step_with_curvature` with the tape's forward-mode
+///    Gauss-Newton products on the same batch;
 /// 5. when the optimizer adapts its damping, the loss again on the same batch with the same
 ///    dropout masks, handed back through `opt.observe_reduction`.
 ///
@@ -40,25 +42,29 @@ pub fn train_step(
     let step_rng = Rng::new(rng.next_u64());
     let dropout_rng = step_rng.fork(0);
     let mut sample_rng = step_rng.fork(1);
-    let (loss_value, grads, captures) = {
-        let tape = Tape::new(params)
+    let (loss_value, report) = if wants.products {
+        // The tape stays alive through the step, for the optimizer's curvature products; it
+        // reads a snapshot of the parameters (shared storage), so the step may write `params`.
+        let snapshot = params.clone();
+        let tape = Tape::new(&snapshot)
             .with_rng(dropout_rng.clone())
             .capturing(wants.capture.iter().copied());
-        let out = model.forward(tape.input(inputs.clone()));
-        let l = loss.apply(out, targets);
-        let mut grads = tape.backward(l);
-        let captures: Captures = match wants.fisher {
-            Some(FisherKind::Sampled) => {
-                let sampled = loss.sample(&out.value(), &mut sample_rng);
-                let ls = loss.apply(out, &sampled);
-                tape.backward_captures(ls).take_captures()
-            }
-            Some(FisherKind::Empirical) => grads.take_captures(),
-            None => Captures::new(),
+        let (l, grads, captures) =
+            record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
+        let products = TapeCurvature { loss: l };
+        let report = opt.step_with_curvature(params, &grads, &captures, &products)?;
+        (l.value().item(), report)
+    } else {
+        let (loss_value, grads, captures) = {
+            let tape = Tape::new(params)
+                .with_rng(dropout_rng.clone())
+                .capturing(wants.capture.iter().copied());
+            let (l, grads, captures) =
+                record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
+            (l.value().item(), grads, captures)
         };
-        (l.value().item(), grads, captures)
+        (loss_value, opt.step(params, &grads, &captures)?)
     };
-    let report = opt.step(params, &grads, &captures)?;
     if wants.reduction {
         let tape = Tape::new(params).with_rng(dropout_rng);
         let out = model.forward(tape.input(inputs.clone()));
@@ -69,6 +75,31 @@ pub fn train_step(
         loss: loss_value,
         report,
     })
+}
+
+/// Forward, loss and backward on `tape`, and the captures of the pass `wants` names.
+fn record<'t>(
+    tape: &'t Tape<'t>,
+    model: &dyn Module,
+    loss: LossKind,
+    inputs: &Tensor,
+    targets: &Targets,
+    wants: &Wants,
+    sample_rng: &mut Rng,
+) -> (Var<'t>, Gradients, Captures) {
+    let out = model.forward(tape.input(inputs.clone()));
+    let l = loss.apply(out, targets);
+    let mut grads = tape.backward(l);
+    let captures: Captures = match wants.fisher {
+        Some(FisherKind::Sampled) => {
+            let sampled = loss.sample(&out.value(), sample_rng);
+            let ls = loss.apply(out, &sampled);
+            tape.backward_captures(ls).take_captures()
+        }
+        Some(FisherKind::Empirical) => grads.take_captures(),
+        None => Captures::new(),
+    };
+    (l, grads, captures)
 }
 
 /// The model's outputs on `inputs` in eval mode (no dropout, nothing captured), computed in

@@ -28,7 +28,7 @@ fn batch(x: &Tensor, y: &[usize], s: u64) -> (Tensor, Targets) {
 
 fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
     use kron::optim::{
-        EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt,
+        EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt, StepRule,
     };
     let mut dummy = ParamStore::new();
     let blocks = model(&mut dummy, 0).fisher_blocks();
@@ -53,6 +53,20 @@ fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
                 .with_fallback(Fallback::Adam(AdamConfig::default())),
             Box::new(kron::optim::CpuBackend::default()),
         )),
+        "kfac-quadratic-lm" => Box::new(Kfac::with_backend(
+            blocks,
+            store,
+            KfacConfig::default()
+                .with_inverse_period(3)
+                .with_step_rule(StepRule::QuadraticModel)
+                .with_damping(0.1)
+                .with_weight_decay(1e-4)
+                .with_adaptive_damping(Some(LevenbergMarquardt {
+                    interval: 2,
+                    ..Default::default()
+                })),
+            Box::new(kron::optim::CpuBackend::default()),
+        )),
         _ => Box::new(Adam::new(store, AdamConfig::new(0.01))),
     }
 }
@@ -66,7 +80,7 @@ fn temp(name: &str) -> std::path::PathBuf {
 #[test]
 fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
     let (x, y) = data();
-    for kind in ["sgd", "adam", "kfac", "kfac-eigen-lm"] {
+    for kind in ["sgd", "adam", "kfac", "kfac-eigen-lm", "kfac-quadratic-lm"] {
         // Uninterrupted: 6 steps.
         let mut p1 = ParamStore::new();
         let m1 = model(&mut p1, 1);

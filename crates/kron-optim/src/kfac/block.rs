@@ -250,11 +250,17 @@ impl BlockState {
     /// `d^T F d` for an update `d` in the `W_aug` layout under this block's Kronecker factors:
     /// `tr(D^T G D A)`.
     pub(crate) fn quadratic(&self, be: &dyn Backend, d: &Mat) -> f64 {
+        self.bilinear(be, d, d)
+    }
+
+    /// `d^T F e` under this block's Kronecker factors: `tr(D^T G E A)` (zero before any
+    /// statistics).
+    pub(crate) fn bilinear(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> f64 {
         let (Some(a), Some(g)) = (&self.a, &self.g) else {
             return 0.0;
         };
         let gd = be.gemm(1.0, g, false, d, false);
-        let da = be.gemm(1.0, d, false, a, false);
-        be.dot(&gd, &da)
+        let ea = be.gemm(1.0, e, false, a, false);
+        be.dot(&gd, &ea)
     }
 }

@@ -28,6 +28,23 @@ pub enum InverseMethod {
     Eigen(EigenDamping),
 }
 
+/// How the preconditioned direction becomes the step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StepRule {
+    /// KFAC as a preconditioner for SGD (kfac-pytorch, ASDL): the direction, KL-clipped, times
+    /// the learning-rate schedule, with heavy-ball momentum (the default).
+    #[default]
+    Sgd,
+    /// The paper's step (Martens & Grosse 2015, Sec. 7): `delta = alpha Delta + mu delta_prev`
+    /// with `(alpha, mu)` minimizing the quadratic model
+    /// `grad^T delta + 1/2 delta^T (F + (lambda + eta) I) delta` under the exact mini-batch
+    /// Fisher `F` (forward-mode products on the tape, when the step is driven by
+    /// `train_step`, or the Kronecker approximation when no products are at hand). No learning
+    /// rate, no hand-set momentum, no KL clip: the schedule, `momentum` and `kl_clip` are not
+    /// used for the Fisher blocks. Pair it with Levenberg-Marquardt damping.
+    QuadraticModel,
+}
+
 /// The first-order rule for parameters outside any Fisher block, and for a block's parameters
 /// before its first successful refresh.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,6 +117,9 @@ pub struct KfacConfig {
     /// KL clipping κ of the update (default `Some(1e-3)`, kfac-pytorch):
     /// `ν = min(1, sqrt(κ / (lr² Σ ⟨U, V⟩)))`.
     pub kl_clip: Option<f32>,
+    /// How the direction becomes the step (default [`StepRule::Sgd`]).
+    #[serde(default)]
+    pub step_rule: StepRule,
     /// Levenberg-Marquardt damping adaptation (default off).
     pub adaptive_damping: Option<LevenbergMarquardt>,
     /// After a failed refresh, the next one retries with the damping times this (default 10).
@@ -131,6 +151,7 @@ impl KfacConfig {
         inverse_period: 20,
         fisher: FisherKind::Sampled,
         kl_clip: Some(1e-3),
+        step_rule: StepRule::Sgd,
         adaptive_damping: None,
         failure_factor: 10.0,
         precision: Precision::F32,
@@ -184,6 +205,8 @@ with! {
     with_fisher: fisher: FisherKind,
     /// With KL clipping (or none).
     with_kl_clip: kl_clip: Option<f32>,
+    /// Sets how the direction becomes the step.
+    with_step_rule: step_rule: StepRule,
     /// With Levenberg-Marquardt damping adaptation (or none).
     with_adaptive_damping: adaptive_damping: Option<LevenbergMarquardt>,
     /// With a damping factor for retries after failed refreshes.

@@ -13,12 +13,13 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, CpuBackend};
+use crate::curvature::CurvatureProducts;
 use crate::error::OptimError;
 use crate::first_order::{Adam, Slots, sgd_update};
 use crate::optimizer::{Captures, OptimState, Optimizer, StepReport, Wants, check_finite};
 
 use block::{BlockState, Precond};
-pub use config::{EigenDamping, Fallback, InverseMethod, KfacConfig, LevenbergMarquardt};
+pub use config::{EigenDamping, Fallback, InverseMethod, KfacConfig, LevenbergMarquardt, StepRule};
 
 /// The Kronecker-factored approximate natural gradient.
 ///
@@ -194,6 +195,7 @@ impl Optimizer for Kfac {
             fisher: (!capture.is_empty()).then_some(self.config.fisher),
             capture,
             reduction: self.adapts_now(),
+            products: self.config.step_rule == StepRule::QuadraticModel,
         }
     }
 
@@ -203,161 +205,17 @@ impl Optimizer for Kfac {
         grads: &Gradients,
         curvature: &Captures,
     ) -> Result<StepReport, OptimError> {
-        check_finite(params, grads)?;
-        let cfg = self.config;
-        let be = self.backend.as_ref();
-        let lr = cfg.schedule.lr(self.step);
-        let mut report = StepReport {
-            step: self.step,
-            lr,
-            damping: Some(self.damping),
-            ..Default::default()
-        };
+        self.step_impl(params, grads, curvature, None)
+    }
 
-        // 1. Statistics.
-        let t0 = Instant::now();
-        let stat_notes: Vec<Option<String>> = self
-            .blocks
-            .par_iter_mut()
-            .map(|b| {
-                let cap = curvature.get(&b.info.layer)?;
-                b.update_stats(cap, &cfg, be)
-                    .err()
-                    .map(|e| format!("{}: {e}", b.info.path))
-            })
-            .collect();
-        report.stats_updated = self
-            .blocks
-            .iter()
-            .any(|b| curvature.contains_key(&b.info.layer));
-        report.notes.extend(stat_notes.into_iter().flatten());
-        report.stats_ms = t0.elapsed().as_secs_f64() * 1e3;
-
-        // 2. Refresh.
-        let t1 = Instant::now();
-        if self.step.is_multiple_of(cfg.inverse_period.max(1)) {
-            let damping = self.damping;
-            let notes: Vec<Option<String>> = self
-                .blocks
-                .par_iter_mut()
-                .map(|b| b.refresh(&cfg, be, damping))
-                .collect();
-            report.refreshed = true;
-            if matches!(cfg.method, InverseMethod::Eigen(_))
-                && be.delegates_eigh()
-                && self.blocks.iter().any(|b| b.a.is_some())
-            {
-                report.notes.push(format!(
-                    "eigendecomposition on the CPU (delegated by {})",
-                    be.name()
-                ));
-            }
-            report.notes.extend(notes.into_iter().flatten());
-        }
-        report.refresh_ms = t1.elapsed().as_secs_f64() * 1e3;
-
-        // 3. Precondition every block.
-        let t2 = Instant::now();
-        let damping = self.damping;
-        let updates: Vec<Option<BlockUpdate>> = self
-            .blocks
-            .par_iter()
-            .map(|b| {
-                let gw = grads.get(b.info.weight)?;
-                let gb = b.info.bias.and_then(|id| grads.get(id));
-                let zero;
-                let gb = match (b.info.bias, gb) {
-                    (Some(id), None) => {
-                        zero = Tensor::zeros(params_shape(params, id));
-                        Some(&zero)
-                    }
-                    (_, g) => g,
-                };
-                let v = b.info.join(gw, gb);
-                let u = b
-                    .precondition(&cfg, be, &be.upload(&v), damping)
-                    .map(|u| be.download(&u));
-                Some(BlockUpdate { u, v })
-            })
-            .collect();
-
-        // 4. KL clipping over the preconditioned blocks.
-        let nu = match cfg.kl_clip {
-            Some(kappa) => {
-                let vg: f64 = updates
-                    .iter()
-                    .flatten()
-                    .filter_map(|up| up.u.as_ref().map(|u| dot(u, &up.v)))
-                    .sum::<f64>()
-                    * (lr as f64).powi(2);
-                if vg.abs() > 0.0 {
-                    (kappa as f64 / vg.abs()).sqrt().min(1.0) as f32
-                } else {
-                    1.0
-                }
-            }
-            None => 1.0,
-        };
-
-        // 5. Apply: momentum and weight decay on the preconditioned update; fallback elsewhere.
-        let adapting = self.adapts_now();
-        let before: Option<ParamStore> = adapting.then(|| params.clone());
-        let mut fallback_ids: Vec<ParamId> = self.outside.clone();
-        for (b, up) in self.blocks.iter().zip(&updates) {
-            let Some(up) = up else { continue };
-            let Some(u) = &up.u else {
-                fallback_ids.push(b.info.weight);
-                fallback_ids.extend(b.info.bias);
-                continue;
-            };
-            let wshape = params.get(b.info.weight).shape().to_vec();
-            let (uw, ub) = b.info.split(u, &wshape);
-            for (id, u) in std::iter::once((b.info.weight, uw)).chain(b.info.bias.zip(ub)) {
-                let slot = self.slot_of[&id];
-                sgd_update(
-                    params.get_mut(id).data_mut(),
-                    &u.scale(nu).into_vec(),
-                    self.velocity.bufs[slot].data_mut(),
-                    lr,
-                    cfg.momentum,
-                    false,
-                    cfg.weight_decay,
-                );
-            }
-        }
-        match &mut self.adam {
-            Some(adam) => {
-                let mut g: Vec<Option<Tensor>> = vec![None; params.len()];
-                for &id in &fallback_ids {
-                    g[id.index()] = grads.get(id).cloned();
-                }
-                adam.step(params, &Gradients::from_params(g), &Captures::new())?;
-            }
-            None => {
-                for &id in &fallback_ids {
-                    let Some(g) = grads.get(id) else { continue };
-                    let slot = self.slot_of[&id];
-                    sgd_update(
-                        params.get_mut(id).data_mut(),
-                        g.data(),
-                        self.velocity.bufs[slot].data_mut(),
-                        lr,
-                        cfg.momentum,
-                        false,
-                        cfg.weight_decay,
-                    );
-                }
-            }
-        }
-
-        // 6. The quadratic model's prediction for the damping adaptation.
-        self.predicted = before.map(|old| self.predicted_change(&old, params, grads));
-        report.update_ms = t2.elapsed().as_secs_f64() * 1e3;
-        if nu < 1.0 {
-            report.notes.push(format!("update KL-clipped by {nu:.3}"));
-        }
-        self.step += 1;
-        Ok(report)
+    fn step_with_curvature(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+        products: &dyn CurvatureProducts,
+    ) -> Result<StepReport, OptimError> {
+        self.step_impl(params, grads, curvature, Some(products))
     }
 
     fn observe_reduction(&mut self, before: f32, after: f32) {
@@ -549,6 +407,341 @@ impl Optimizer for Kfac {
 }
 
 impl Kfac {
+    fn step_impl(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+        products: Option<&dyn CurvatureProducts>,
+    ) -> Result<StepReport, OptimError> {
+        check_finite(params, grads)?;
+        let cfg = self.config;
+        let be = self.backend.as_ref();
+        let lr = cfg.schedule.lr(self.step);
+        let mut report = StepReport {
+            step: self.step,
+            lr,
+            damping: Some(self.damping),
+            ..Default::default()
+        };
+
+        // 1. Statistics.
+        let t0 = Instant::now();
+        let stat_notes: Vec<Option<String>> = self
+            .blocks
+            .par_iter_mut()
+            .map(|b| {
+                let cap = curvature.get(&b.info.layer)?;
+                b.update_stats(cap, &cfg, be)
+                    .err()
+                    .map(|e| format!("{}: {e}", b.info.path))
+            })
+            .collect();
+        report.stats_updated = self
+            .blocks
+            .iter()
+            .any(|b| curvature.contains_key(&b.info.layer));
+        report.notes.extend(stat_notes.into_iter().flatten());
+        report.stats_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        // 2. Refresh.
+        let t1 = Instant::now();
+        if self.step.is_multiple_of(cfg.inverse_period.max(1)) {
+            let damping = self.damping;
+            let notes: Vec<Option<String>> = self
+                .blocks
+                .par_iter_mut()
+                .map(|b| b.refresh(&cfg, be, damping))
+                .collect();
+            report.refreshed = true;
+            if matches!(cfg.method, InverseMethod::Eigen(_))
+                && be.delegates_eigh()
+                && self.blocks.iter().any(|b| b.a.is_some())
+            {
+                report.notes.push(format!(
+                    "eigendecomposition on the CPU (delegated by {})",
+                    be.name()
+                ));
+            }
+            report.notes.extend(notes.into_iter().flatten());
+        }
+        report.refresh_ms = t1.elapsed().as_secs_f64() * 1e3;
+
+        // 3. Precondition every block.
+        let t2 = Instant::now();
+        let quadratic = cfg.step_rule == StepRule::QuadraticModel;
+        let damping = self.damping;
+        let updates: Vec<Option<BlockUpdate>> = self
+            .blocks
+            .par_iter()
+            .map(|b| {
+                let gw = grads.get(b.info.weight)?;
+                let gb = b.info.bias.and_then(|id| grads.get(id));
+                let zero;
+                let gb = match (b.info.bias, gb) {
+                    (Some(id), None) => {
+                        zero = Tensor::zeros(params_shape(params, id));
+                        Some(&zero)
+                    }
+                    (_, g) => g,
+                };
+                let mut v = b.info.join(gw, gb);
+                if quadratic && cfg.weight_decay != 0.0 {
+                    // The paper's h includes the L2 term: precondition its gradient too.
+                    let theta = b.info.join(
+                        params.get(b.info.weight),
+                        b.info.bias.map(|id| params.get(id)),
+                    );
+                    v = v.add(&theta.scale(cfg.weight_decay));
+                }
+                let u = b
+                    .precondition(&cfg, be, &be.upload(&v), damping)
+                    .map(|u| be.download(&u));
+                Some(BlockUpdate { u, v })
+            })
+            .collect();
+
+        if quadratic {
+            self.quadratic_step(params, grads, &updates, products, &mut report)?;
+            report.update_ms = t2.elapsed().as_secs_f64() * 1e3;
+            self.step += 1;
+            return Ok(report);
+        }
+
+        // 4. KL clipping over the preconditioned blocks.
+        let nu = match cfg.kl_clip {
+            Some(kappa) => {
+                let vg: f64 = updates
+                    .iter()
+                    .flatten()
+                    .filter_map(|up| up.u.as_ref().map(|u| dot(u, &up.v)))
+                    .sum::<f64>()
+                    * (lr as f64).powi(2);
+                if vg.abs() > 0.0 {
+                    (kappa as f64 / vg.abs()).sqrt().min(1.0) as f32
+                } else {
+                    1.0
+                }
+            }
+            None => 1.0,
+        };
+
+        // 5. Apply: momentum and weight decay on the preconditioned update; fallback elsewhere.
+        let adapting = self.adapts_now();
+        let before: Option<ParamStore> = adapting.then(|| params.clone());
+        let mut fallback_ids: Vec<ParamId> = self.outside.clone();
+        for (b, up) in self.blocks.iter().zip(&updates) {
+            let Some(up) = up else { continue };
+            let Some(u) = &up.u else {
+                fallback_ids.push(b.info.weight);
+                fallback_ids.extend(b.info.bias);
+                continue;
+            };
+            let wshape = params.get(b.info.weight).shape().to_vec();
+            let (uw, ub) = b.info.split(u, &wshape);
+            for (id, u) in std::iter::once((b.info.weight, uw)).chain(b.info.bias.zip(ub)) {
+                let slot = self.slot_of[&id];
+                sgd_update(
+                    params.get_mut(id).data_mut(),
+                    &u.scale(nu).into_vec(),
+                    self.velocity.bufs[slot].data_mut(),
+                    lr,
+                    cfg.momentum,
+                    false,
+                    cfg.weight_decay,
+                );
+            }
+        }
+        self.fallback_step(params, grads, &fallback_ids, lr)?;
+
+        // 6. The quadratic model's prediction for the damping adaptation.
+        self.predicted = before.map(|old| self.predicted_change(&old, params, grads));
+        report.update_ms = t2.elapsed().as_secs_f64() * 1e3;
+        if nu < 1.0 {
+            report.notes.push(format!("update KL-clipped by {nu:.3}"));
+        }
+        self.step += 1;
+        Ok(report)
+    }
+
+    /// The first-order fallback rule on `ids`.
+    fn fallback_step(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        ids: &[ParamId],
+        lr: f32,
+    ) -> Result<(), OptimError> {
+        let cfg = self.config;
+        match &mut self.adam {
+            Some(adam) => {
+                let mut g: Vec<Option<Tensor>> = vec![None; params.len()];
+                for &id in ids {
+                    g[id.index()] = grads.get(id).cloned();
+                }
+                adam.step(params, &Gradients::from_params(g), &Captures::new())?;
+            }
+            None => {
+                for &id in ids {
+                    let Some(g) = grads.get(id) else { continue };
+                    let slot = self.slot_of[&id];
+                    sgd_update(
+                        params.get_mut(id).data_mut(),
+                        g.data(),
+                        self.velocity.bufs[slot].data_mut(),
+                        lr,
+                        cfg.momentum,
+                        false,
+                        cfg.weight_decay,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The paper's step: `delta = alpha Delta + mu delta_prev` minimizing the quadratic model
+    /// under the exact mini-batch Fisher (or the Kronecker one without `products`), for the
+    /// blocks with a preconditioner; the fallback rule for the rest.
+    fn quadratic_step(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        updates: &[Option<BlockUpdate>],
+        products: Option<&dyn CurvatureProducts>,
+        report: &mut StepReport,
+    ) -> Result<(), OptimError> {
+        let cfg = self.config;
+        let n = params.len();
+        let mut proposal: Vec<Option<Tensor>> = vec![None; n];
+        let mut grad: Vec<Option<Tensor>> = vec![None; n];
+        let mut fallback_ids: Vec<ParamId> = self.outside.clone();
+        for (b, up) in self.blocks.iter().zip(updates) {
+            let Some(up) = up else { continue };
+            let Some(u) = &up.u else {
+                fallback_ids.push(b.info.weight);
+                fallback_ids.extend(b.info.bias);
+                continue;
+            };
+            let wshape = params.get(b.info.weight).shape().to_vec();
+            let (uw, ub) = b.info.split(u, &wshape);
+            let (vw, vb) = b.info.split(&up.v, &wshape);
+            let ids = std::iter::once(b.info.weight).chain(b.info.bias);
+            for ((id, u), v) in ids
+                .zip(std::iter::once(uw).chain(ub))
+                .zip(std::iter::once(vw).chain(vb))
+            {
+                proposal[id.index()] = Some(u.scale(-1.0));
+                grad[id.index()] = Some(v);
+            }
+        }
+        let ids: Vec<ParamId> = params
+            .ids()
+            .filter(|id| proposal[id.index()].is_some())
+            .collect();
+        let mut previous: Vec<Option<Tensor>> = vec![None; n];
+        for id in &ids {
+            previous[id.index()] = Some(self.velocity.bufs[self.slot_of[id]].clone());
+        }
+        let has_previous = previous
+            .iter()
+            .flatten()
+            .any(|t| t.data().iter().any(|&x| x != 0.0));
+        let dirs: Vec<&[Option<Tensor>]> = if has_previous {
+            vec![&proposal, &previous]
+        } else {
+            vec![&proposal]
+        };
+        let k = dirs.len();
+        let gram = match products {
+            Some(p) => p.gram(&dirs),
+            None => self.kronecker_gram(params, &dirs),
+        };
+        let lambda = (self.damping + cfg.weight_decay) as f64;
+        let inner = |a: &[Option<Tensor>], b: &[Option<Tensor>]| -> f64 {
+            a.iter()
+                .zip(b)
+                .filter_map(|(x, y)| Some(dot(x.as_ref()?, y.as_ref()?)))
+                .sum()
+        };
+        let mut m = [[0.0f64; 2]; 2];
+        let mut rhs = [0.0f64; 2];
+        for i in 0..k {
+            rhs[i] = -inner(&grad, dirs[i]);
+            for j in 0..k {
+                m[i][j] = gram[i * k + j] + lambda * inner(dirs[i], dirs[j]);
+            }
+        }
+        let (alpha, mu) = match solve_model(m, rhs, k) {
+            Some(x) => x,
+            None => {
+                report.notes.push(format!(
+                    "quadratic model not positive definite or not finite (Gram {gram:?}): no \
+                     step on the Fisher blocks"
+                ));
+                (0.0, 0.0)
+            }
+        };
+        // M(delta) - M(0) at the minimizer: 1/2 (alpha, mu) . (grad^T Delta, grad^T delta_prev).
+        let predicted = -0.5 * (alpha * rhs[0] + mu * rhs[1]);
+        // The previous steps are rewritten in place below: release the shared copies first.
+        drop(dirs);
+        drop(previous);
+        for id in &ids {
+            let slot = self.slot_of[id];
+            let delta = proposal[id.index()].as_ref().expect("proposal of a block");
+            let prev = self.velocity.bufs[slot].data_mut();
+            let p = params.get_mut(*id).data_mut();
+            for ((p, v), &d) in p.iter_mut().zip(prev.iter_mut()).zip(delta.data()) {
+                let step = alpha as f32 * d + mu as f32 * *v;
+                *v = step;
+                *p += step;
+            }
+        }
+        let lr = cfg.schedule.lr(self.step);
+        self.fallback_step(params, grads, &fallback_ids, lr)?;
+        self.predicted = self.adapts_now().then_some(predicted);
+        report.lr = alpha as f32;
+        report.momentum = Some(mu as f32);
+        Ok(())
+    }
+
+    /// The Gram matrix of `dirs` under the block-diagonal Kronecker approximation.
+    fn kronecker_gram(&self, params: &ParamStore, dirs: &[&[Option<Tensor>]]) -> Vec<f64> {
+        let be = self.backend.as_ref();
+        let k = dirs.len();
+        let mut gram = vec![0.0f64; k * k];
+        for b in &self.blocks {
+            let wshape = params.get(b.info.weight).shape();
+            let joined: Vec<Option<_>> = dirs
+                .iter()
+                .map(|d| {
+                    let w = d.get(b.info.weight.index())?.as_ref()?;
+                    let zero = b.info.bias.map(|id| Tensor::zeros(params.get(id).shape()));
+                    let bias = b
+                        .info
+                        .bias
+                        .and_then(|id| d.get(id.index())?.as_ref())
+                        .or(zero.as_ref());
+                    debug_assert_eq!(w.shape(), wshape);
+                    Some(be.upload(&b.info.join(w, bias)))
+                })
+                .collect();
+            for i in 0..k {
+                for j in i..k {
+                    if let (Some(x), Some(y)) = (&joined[i], &joined[j]) {
+                        let v = b.bilinear(be, x, y);
+                        gram[i * k + j] += v;
+                        if i != j {
+                            gram[j * k + i] += v;
+                        }
+                    }
+                }
+            }
+        }
+        gram
+    }
+
     /// `M(δ) - M(0) = ∇h^T δ + 1/2 δ^T (F + λ I) δ` for the step just taken (`δ = new - old`),
     /// with `F` the block-diagonal Kronecker approximation itself (zero outside blocks).
     fn predicted_change(&self, old: &ParamStore, new: &ParamStore, grads: &Gradients) -> f64 {
@@ -573,6 +766,27 @@ impl Kfac {
             .sum();
         lin + 0.5 * (quad + self.damping as f64 * sq)
     }
+}
+
+/// The minimizer `(alpha, mu)` of `1/2 x^T m x - rhs^T x` over the first `k` (1 or 2)
+/// coordinates, when `m` is positive definite there and everything is finite.
+fn solve_model(m: [[f64; 2]; 2], rhs: [f64; 2], k: usize) -> Option<(f64, f64)> {
+    let finite = m.iter().flatten().chain(&rhs).all(|v| v.is_finite());
+    if !finite || m[0][0] <= 0.0 {
+        return None;
+    }
+    if k == 1 {
+        return Some((rhs[0] / m[0][0], 0.0));
+    }
+    let det = m[0][0] * m[1][1] - m[0][1] * m[1][0];
+    if det <= 1e-12 * m[0][0] * m[1][1] {
+        // Parallel directions: the proposal alone.
+        return Some((rhs[0] / m[0][0], 0.0));
+    }
+    Some((
+        (rhs[0] * m[1][1] - rhs[1] * m[0][1]) / det,
+        (m[0][0] * rhs[1] - m[1][0] * rhs[0]) / det,
+    ))
 }
 
 fn params_shape(params: &ParamStore, id: ParamId) -> &[usize] {
