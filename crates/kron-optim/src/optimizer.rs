@@ -35,6 +35,9 @@ pub struct Wants {
     /// Whether the step uses exact curvature products on the mini-batch
     /// ([`Optimizer::step_with_curvature`]), so the tape must outlive the forward pass.
     pub products: bool,
+    /// When set, the products are taken on the first this-many examples of the mini-batch
+    /// alone (a forward pass of its own on that sub-batch).
+    pub product_examples: Option<usize>,
 }
 
 /// What happened in one step, for progress lines and logs.

@@ -51,8 +51,21 @@ pub fn train_step(
             .capturing(wants.capture.iter().copied());
         let (l, grads, captures) =
             record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
-        let products = TapeCurvature { loss: l };
-        let report = opt.step_with_curvature(params, &grads, &captures, &products)?;
+        let rows = inputs.shape().first().copied().unwrap_or(0);
+        let report = match wants.product_examples {
+            Some(m) if m > 0 && m < rows => {
+                // The products on a sub-batch: a forward pass of its own on the first `m`.
+                let sub = Tape::new(&snapshot).with_rng(dropout_rng.clone());
+                let out = model.forward(sub.input(first_rows(inputs, m)));
+                let sl = loss.apply(out, &first_targets(targets, m));
+                let products = TapeCurvature { loss: sl };
+                opt.step_with_curvature(params, &grads, &captures, &products)?
+            }
+            _ => {
+                let products = TapeCurvature { loss: l };
+                opt.step_with_curvature(params, &grads, &captures, &products)?
+            }
+        };
         (l.value().item(), report)
     } else {
         let (loss_value, grads, captures) = {
@@ -75,6 +88,22 @@ pub fn train_step(
         loss: loss_value,
         report,
     })
+}
+
+/// The first `m` rows (examples) of a batch.
+fn first_rows(x: &Tensor, m: usize) -> Tensor {
+    let mut shape = x.shape().to_vec();
+    let row: usize = shape[1..].iter().product();
+    shape[0] = m;
+    Tensor::from_vec(x.data()[..m * row].to_vec(), &shape)
+}
+
+/// The targets of the first `m` examples.
+fn first_targets(t: &Targets, m: usize) -> Targets {
+    match t {
+        Targets::Classes(c) => Targets::Classes(c[..m].to_vec()),
+        Targets::Values(v) => Targets::Values(first_rows(v, m)),
+    }
 }
 
 /// Forward, loss and backward on `tape`, and the captures of the pass `wants` names.

@@ -59,6 +59,7 @@ fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
             KfacConfig::default()
                 .with_inverse_period(3)
                 .with_step_rule(StepRule::QuadraticModel)
+                .with_curvature_examples(Some(4))
                 .with_damping(0.1)
                 .with_weight_decay(1e-4)
                 .with_adaptive_damping(Some(LevenbergMarquardt {

@@ -196,6 +196,7 @@ impl Optimizer for Kfac {
             capture,
             reduction: self.adapts_now(),
             products: self.config.step_rule == StepRule::QuadraticModel,
+            product_examples: self.config.curvature_examples,
         }
     }
 
