@@ -262,3 +262,81 @@ pub fn true_fisher() -> FisherRun {
     }
 }
 // ANCHOR_END: true_fisher
+
+/// What the forward-mode example computes.
+pub struct ProductsRun {
+    /// `J d` of the logits for the direction on the output layer alone.
+    pub jd: Tensor,
+    /// The hidden activations, the direction's weight and bias blocks, for the check.
+    pub hidden: Tensor,
+    pub dw: Tensor,
+    pub db: Tensor,
+    /// The model's logits.
+    pub logits: Tensor,
+    /// The Gram matrix `d_i^T F d_j` of the two directions.
+    pub gram: Vec<f64>,
+    /// `jvp` of the loss, and `grad^T d` from the reverse pass.
+    pub directional: f32,
+    pub grad_dot: f64,
+}
+
+// ANCHOR: products
+pub fn fisher_products() -> ProductsRun {
+    let mut rng = Rng::new(5);
+    let mut store = ParamStore::new();
+    let mlp = Mlp::new(&mut store, [4, 6, 3], &mut rng);
+    let (x, labels) = batch(32, 4, 3, 6);
+
+    let tape = Tape::new(&store);
+    let logits = mlp.forward(&tape, x);
+    let loss = logits.cross_entropy(&labels);
+    let grads = tape.backward(loss);
+
+    // A direction in parameter space: one optional tensor per parameter, by index.
+    let mut only_output: Vec<Option<Tensor>> = vec![None; store.len()];
+    only_output[mlp.w2.index()] = Some(Tensor::randn(&[3, 6], 0.0, 1.0, &mut rng));
+    only_output[mlp.b2.index()] = Some(Tensor::randn(&[3], 0.0, 1.0, &mut rng));
+    let everywhere: Vec<Option<Tensor>> = store
+        .iter()
+        .map(|(_, _, p)| Some(Tensor::randn(p.shape(), 0.0, 1.0, &mut rng)))
+        .collect();
+
+    // J d: how the logits move along the direction, at the recorded point.
+    let jd = tape.jvp(logits, &only_output);
+    // d_i^T F d_j for both directions: F = J^T H J / B, the exact mini-batch Fisher.
+    let gram = tape.ggn_gram(loss, &[&only_output, &everywhere]);
+    // The directional derivative of the loss itself is grad^T d.
+    let directional = tape.jvp(loss, &everywhere).item();
+    // ANCHOR_END: products
+
+    let grad_dot = store
+        .ids()
+        .map(|id| {
+            let (g, d) = (
+                grads.get(id).unwrap(),
+                everywhere[id.index()].as_ref().unwrap(),
+            );
+            g.data()
+                .iter()
+                .zip(d.data())
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>()
+        })
+        .sum();
+    let hidden = {
+        let t = Tape::new(&store);
+        let (w1, b1) = (t.param(mlp.w1), t.param(mlp.b1));
+        let (x, _) = batch(32, 4, 3, 6);
+        t.input(x).linear(w1, Some(b1), None).tanh().value()
+    };
+    ProductsRun {
+        jd,
+        hidden,
+        dw: only_output[mlp.w2.index()].clone().unwrap(),
+        db: only_output[mlp.b2.index()].clone().unwrap(),
+        logits: logits.value(),
+        gram,
+        directional,
+        grad_dot,
+    }
+}

@@ -63,6 +63,7 @@ pub const EXAMPLE: Example = Example {
     model,
     // ANCHOR: kfac
     kfac: KfacConfig {
+        damping: 0.1,
         conv_stats_period: 10,
         inverse_period: 20,
         ..crate::KFAC_DEFAULT

@@ -47,6 +47,14 @@ pub struct Config {
     /// `--kfac-step sgd|quadratic`: how KFAC turns its direction into a step (default: the
     /// example's).
     pub kfac_step: Option<StepRule>,
+    /// `--stats-period N`: steps between KFAC's dense-layer statistics (default: the example's).
+    pub stats_period: Option<u64>,
+    /// `--inverse-period N`: steps between KFAC's refreshes (default: the example's).
+    pub inverse_period: Option<u64>,
+    /// `--stats-examples N`: examples of each batch KFAC's statistics use.
+    pub stats_examples: Option<usize>,
+    /// `--curvature-examples N`: examples for the quadratic model's exact Fisher products.
+    pub curvature_examples: Option<usize>,
     /// `--trace`: every step's report on stderr.
     pub trace: bool,
     /// `--lm`: Levenberg-Marquardt adaptation of KFAC's damping (default: the example's).
@@ -73,6 +81,10 @@ impl Default for Config {
             kfac_step: None,
             lm: false,
             trace: false,
+            stats_period: None,
+            curvature_examples: None,
+            inverse_period: None,
+            stats_examples: None,
         }
     }
 }
@@ -95,6 +107,10 @@ pub const USAGE: &str = "flags:
   --kl-clip X                 KFAC's KL clipping, 0 for none (default: the example's)
   --kfac-step sgd|quadratic   KFAC's step: lr and momentum, or the quadratic model's
   --lm                        Levenberg-Marquardt adaptation of KFAC's damping
+  --stats-period N            steps between KFAC's dense-layer statistics
+  --stats-examples N          examples of each batch that KFAC's statistics use
+  --inverse-period N          steps between KFAC's refreshes of its inverses
+  --curvature-examples N      examples for the quadratic model's exact Fisher products
   --quiet                     no progress bar
   --trace                     every step's loss, step size, momentum and damping on stderr
   --help                      this text";
@@ -106,7 +122,10 @@ impl Config {
         args: impl IntoIterator<Item = String>,
         default_optimizer: OptimizerKind,
     ) -> Result<Self, CliError> {
-        let mut f = Flags::parse(args, &["fast", "quiet", "compare", "sweep", "lm", "trace", "help"])?;
+        let mut f = Flags::parse(
+            args,
+            &["fast", "quiet", "compare", "sweep", "lm", "trace", "help"],
+        )?;
         if f.switch("help") {
             return Err(CliError(USAGE.to_string()));
         }
@@ -145,6 +164,10 @@ impl Config {
                 .transpose()?,
             lm: f.switch("lm"),
             trace: f.switch("trace"),
+            stats_period: f.get("stats-period")?,
+            curvature_examples: f.get("curvature-examples")?,
+            inverse_period: f.get("inverse-period")?,
+            stats_examples: f.get("stats-examples")?,
         };
         f.finish()?;
         Ok(c)
@@ -240,6 +263,18 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     if let Some(r) = cfg.kfac_step {
         kfac = kfac.with_step_rule(r);
     }
+    if let Some(p) = cfg.stats_period {
+        kfac = kfac.with_stats_period(p);
+    }
+    if let Some(p) = cfg.inverse_period {
+        kfac = kfac.with_inverse_period(p);
+    }
+    if let Some(m) = cfg.stats_examples {
+        kfac = kfac.with_stats_examples(Some(m));
+    }
+    if let Some(m) = cfg.curvature_examples {
+        kfac = kfac.with_curvature_examples(Some(m));
+    }
     if cfg.lm && kfac.adaptive_damping.is_none() {
         kfac = kfac.with_adaptive_damping(Some(LevenbergMarquardt::default()));
     }
@@ -277,6 +312,12 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         if cfg.sweep {
             let mut text = String::new();
             for (k, lr) in lrs.iter_mut() {
+                if *k == OptimizerKind::Kfac && kfac.step_rule == StepRule::QuadraticModel {
+                    text.push_str(
+                        "  kfac  no learning rate to tune: the quadratic model sets each step\n",
+                    );
+                    continue;
+                }
                 let (best, l) = sweep(
                     &task,
                     &model_fn,
@@ -292,7 +333,14 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
             }
             log = Some(text);
         }
-        let c = compare(&task, &model_fn, &optim, &spec, &lrs)?;
+        let mut c = compare(&task, &model_fn, &optim, &spec, &lrs)?;
+        if kfac.step_rule == StepRule::QuadraticModel {
+            for (name, lr) in &mut c.lrs {
+                if name == OptimizerKind::Kfac.name() {
+                    *lr = f32::NAN;
+                }
+            }
+        }
         notes.extend(c.stopped.iter().cloned());
         Summary {
             title,

@@ -109,7 +109,8 @@ impl Curves {
 }
 
 /// The time-to-target table: for each optimizer, the steps and seconds it took to first reach
-/// `target`, and its speed-up in seconds over `baseline`.
+/// `target`, and its speed-up in seconds over `baseline`. A NaN learning rate prints as `auto`
+/// (an optimizer that chooses its own step size).
 pub fn time_to_target(
     curves: &Curves,
     optimizers: &[(String, f32)],
@@ -135,9 +136,15 @@ pub fn time_to_target(
     for (name, lr) in optimizers {
         let fin = curves.final_loss(name).unwrap_or(f32::NAN);
         let hit = curves.first_reaching(name, target);
+        // A NaN rate: the optimizer sets its own step (KFAC's quadratic model).
+        let lr = if lr.is_nan() {
+            "auto".to_string()
+        } else {
+            format!("{lr:.3e}")
+        };
         let _ = write!(
             s,
-            "{:<10} {:>10.3e} {:>11.5} {:>7}",
+            "{:<10} {:>10} {:>11.5} {:>7}",
             name,
             lr,
             fin,

@@ -528,10 +528,14 @@ pub fn default_csv(example: &str) -> PathBuf {
 fn trace_line(step: u64, loss: f32, r: &kron::optim::StepReport) {
     let opt = |v: Option<f32>| v.map_or("-".to_string(), |v| format!("{v:.4e}"));
     eprintln!(
-        "step {step:>6}  loss {loss:>11.5}  step size {:.4e}  momentum {}  damping {}{}{}",
+        "step {step:>6}  loss {loss:>11.5}  step size {:.4e}  momentum {}  damping {}  \
+         ms stats/refresh/update {:.0}/{:.0}/{:.0}{}{}",
         r.lr,
         opt(r.momentum),
         opt(r.damping),
+        r.stats_ms,
+        r.refresh_ms,
+        r.update_ms,
         if r.stats_updated { "  stats" } else { "" },
         if r.refreshed { "  refresh" } else { "" },
     );

@@ -361,3 +361,52 @@ fn kfc_takes_conv_statistics_every_tenth_step() {
         run.losses
     );
 }
+
+#[test]
+fn tape_forward_mode_products_are_j_d_and_j_transpose_h_j() {
+    let r = tape::fisher_products();
+    // The direction moves only the output layer: J d = h dW^T + db.
+    let (b, c) = r.jd.dims2();
+    let hd = r.hidden.dims2().1;
+    let mut fisher = 0.0f64;
+    for i in 0..b {
+        let u: Vec<f64> = (0..c)
+            .map(|k| {
+                let mut v = r.db.data()[k] as f64;
+                for j in 0..hd {
+                    v += r.hidden.data()[i * hd + j] as f64 * r.dw.data()[k * hd + j] as f64;
+                }
+                v
+            })
+            .collect();
+        for k in 0..c {
+            let got = r.jd.data()[i * c + k] as f64;
+            assert!(
+                (got - u[k]).abs() < 1e-5 * (1.0 + u[k].abs()),
+                "J d [{i},{k}]"
+            );
+        }
+        // u^T (diag p - p p^T) u with p the softmax of the logits.
+        let z = &r.logits.data()[i * c..(i + 1) * c];
+        let m = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+        let e: Vec<f64> = z.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        let p: Vec<f64> = e.iter().map(|v| v / s).collect();
+        let pu: f64 = p.iter().zip(&u).map(|(a, b)| a * b).sum();
+        fisher += p.iter().zip(&u).map(|(a, b)| a * b * b).sum::<f64>() - pu * pu;
+    }
+    fisher /= b as f64;
+    let g = &r.gram;
+    assert!(
+        (g[0] - fisher).abs() < 1e-5 * fisher,
+        "{} vs {fisher}",
+        g[0]
+    );
+    assert_eq!(g[1], g[2]);
+    assert!(
+        g[3] > 0.0 && g[0] * g[3] >= g[1] * g[1],
+        "positive semi-definite"
+    );
+    let rel = (r.directional as f64 - r.grad_dot).abs() / r.grad_dot.abs();
+    assert!(rel < 1e-5, "{} vs {}", r.directional, r.grad_dot);
+}
