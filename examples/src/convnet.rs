@@ -70,9 +70,9 @@ pub const EXAMPLE: Example = Example {
     },
     // ANCHOR_END: kfac
     lrs: [
-        (OptimizerKind::Sgd, 0.03),
+        (OptimizerKind::Sgd, 0.01),
         (OptimizerKind::Adam, 1e-3),
-        (OptimizerKind::Kfac, 0.03),
+        (OptimizerKind::Kfac, 0.01),
     ],
     grid: |k| match k {
         OptimizerKind::Adam => vec![3e-4, 1e-3, 3e-3],
@@ -81,7 +81,7 @@ pub const EXAMPLE: Example = Example {
     sizes: Sizes {
         epochs: 3,
         batch_size: 128,
-        evals_per_epoch: 4,
+        evals_per_epoch: 8,
         eval_every: 1,
         train: None,
         test: None,
