@@ -299,12 +299,12 @@ fn kfac_table(rounds: usize) {
         load()
     );
     println!(
-        "  FLOP model (GFLOP): SGD step {:.2}; KFAC adds sampled backward {:.2} (with weight gradients: {:.2}), factors {:.2} as full GEMMs (symmetric half: {:.2}), preconditioning {:.2}, refresh {:.2} per {PERIOD} steps",
+        "  FLOP model (GFLOP): SGD step {:.2}; KFAC adds sampled backward {:.2} (with weight gradients: {:.2}), factors {:.2} as blocked symmetric products (full GEMMs: {:.2}), preconditioning {:.2}, refresh {:.2} per {PERIOD} steps",
         fl.sgd_step / 1e9,
         fl.sampled_backward / 1e9,
         fl.sampled_backward_full / 1e9,
         fl.factors / 1e9,
-        fl.factors / 2e9,
+        fl.full_factors / 1e9,
         fl.precondition / 1e9,
         fl.refresh / 1e9
     );
@@ -366,7 +366,7 @@ fn kfac_table(rounds: usize) {
         );
     }
     println!(
-        "  GFLOP: as kron runs the step (factor products as full GEMMs, the sampled pass for the captures alone); lean: with symmetric factor products"
+        "  GFLOP: as kron runs the step (blocked symmetric factor products, the sampled pass for the captures alone); lean: exactly half a GEMM per factor product"
     );
     println!(
         "  goals: KFAC stats/1 <= 2.5x SGD, stats/10 <= 1.8x; stats/update ms are per step (amortized), refresh ms is the median refresh itself"

@@ -210,11 +210,13 @@ impl Workload {
             .map(|g| g.m as f64)
             .collect();
         let mut factors = 0.0;
+        let mut full_factors = 0.0;
         let mut precondition = 0.0;
         let mut refresh = 0.0;
         for (b, r) in blocks.iter().zip(&rows) {
             let (a, g) = (b.a_dim() as f64, b.g_dim() as f64);
-            factors += 2.0 * r * (a * a + g * g);
+            factors += syrk_flops(b.a_dim(), *r) + syrk_flops(b.g_dim(), *r);
+            full_factors += 2.0 * r * (a * a + g * g);
             precondition += 2.0 * g * a * (g + a);
             refresh += a * a * a + g * g * g;
         }
@@ -223,6 +225,7 @@ impl Workload {
             sampled_backward: input_grads,
             sampled_backward_full: input_grads + weight_grads,
             factors,
+            full_factors,
             precondition,
             refresh,
         }
@@ -232,6 +235,19 @@ impl Workload {
     pub fn blocks(&self) -> Vec<FisherBlock> {
         self.model.fisher_blocks()
     }
+}
+
+/// FLOPs of kron's blocked symmetric update `X^T X` for a `d`-wide factor over `rows` rows: the
+/// block products on and above the diagonal, in 256-column blocks.
+fn syrk_flops(d: usize, rows: f64) -> f64 {
+    let starts: Vec<usize> = (0..d).step_by(256).collect();
+    let mut f = 0.0;
+    for (i, &i0) in starts.iter().enumerate() {
+        for &j0 in &starts[i..] {
+            f += 2.0 * rows * (256.min(d - i0) * 256.min(d - j0)) as f64;
+        }
+    }
+    f
 }
 
 /// FNV-1a, 64 bits.
@@ -261,8 +277,11 @@ pub struct KfacFlops {
     pub sampled_backward: f64,
     /// The sampled-label backward pass with weight gradients too (`Tape::backward`).
     pub sampled_backward_full: f64,
-    /// The factor products `a^T a` and `g^T g` as full GEMMs (a symmetric product needs half).
+    /// The factor products `a^T a` and `g^T g` as kron computes them: the 256-column block
+    /// products on and above the diagonal (`kron-optim`'s blocked symmetric rank-k update).
     pub factors: f64,
+    /// The same products as full GEMMs (a symmetric product needs exactly half of this).
+    pub full_factors: f64,
     /// The two-sided preconditioning `G^-1 V A^-1` of every block.
     pub precondition: f64,
     /// One refresh of every damped inverse, counted as `d^3` per factor (Cholesky and inverse).
@@ -279,11 +298,11 @@ impl KfacFlops {
             + self.refresh / inverse_period as f64
     }
 
-    /// [`KfacFlops::kfac_step`] with symmetric factor products (half a GEMM each), the least
-    /// the step needs.
+    /// [`KfacFlops::kfac_step`] with exactly half a GEMM per factor product, the least a
+    /// symmetric product needs.
     pub fn lean_kfac_step(&self, stats_period: u64, inverse_period: u64) -> f64 {
         self.sgd_step
-            + (self.sampled_backward + 0.5 * self.factors) / stats_period as f64
+            + (self.sampled_backward + 0.5 * self.full_factors) / stats_period as f64
             + self.precondition
             + self.refresh / inverse_period as f64
     }

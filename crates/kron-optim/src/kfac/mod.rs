@@ -428,9 +428,12 @@ impl Kfac {
 
         // 1. Statistics.
         let t0 = Instant::now();
+        // Block after block: each factor product is a GEMM large enough for matrixmultiply's
+        // own threads, and running blocks side by side as well oversubscribes the cores (201.8
+        // -> 167.7 ms a step on the autoencoder at batch 1000, 2 cores).
         let stat_notes: Vec<Option<String>> = self
             .blocks
-            .par_iter_mut()
+            .iter_mut()
             .map(|b| {
                 let cap = curvature.get(&b.info.layer)?;
                 b.update_stats(cap, &cfg, be)
@@ -472,9 +475,10 @@ impl Kfac {
         let t2 = Instant::now();
         let quadratic = cfg.step_rule == StepRule::QuadraticModel;
         let damping = self.damping;
+        // Block after block, for the same reason as the statistics (194 -> 161 ms).
         let updates: Vec<Option<BlockUpdate>> = self
             .blocks
-            .par_iter()
+            .iter()
             .map(|b| {
                 let gw = grads.get(b.info.weight)?;
                 let gb = b.info.bias.and_then(|id| grads.get(id));
