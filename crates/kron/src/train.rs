@@ -52,20 +52,20 @@ pub fn train_step(
         let (l, grads, captures) =
             record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
         let rows = inputs.shape().first().copied().unwrap_or(0);
-        let report = match wants.product_examples {
+        let sub;
+        let curvature_loss = match wants.product_examples {
             Some(m) if m > 0 && m < rows => {
                 // The products on a sub-batch: a forward pass of its own on the first `m`.
-                let sub = Tape::new(&snapshot).with_rng(dropout_rng.clone());
+                sub = Tape::new(&snapshot).with_rng(dropout_rng.clone());
                 let out = model.forward(sub.input(first_rows(inputs, m)));
-                let sl = loss.apply(out, &first_targets(targets, m));
-                let products = TapeCurvature { loss: sl };
-                opt.step_with_curvature(params, &grads, &captures, &products)?
+                loss.apply(out, &first_targets(targets, m))
             }
-            _ => {
-                let products = TapeCurvature { loss: l };
-                opt.step_with_curvature(params, &grads, &captures, &products)?
-            }
+            _ => l,
         };
+        let products = TapeCurvature {
+            loss: curvature_loss,
+        };
+        let report = opt.step_with_curvature(params, &grads, &captures, &products)?;
         (l.value().item(), report)
     } else {
         let (loss_value, grads, captures) = {

@@ -7,9 +7,9 @@
 //! the tangent is `x dW^T + dx W^T + db` (the patches the forward pass kept give the first term
 //! of a conv for free).
 
-use super::Op;
 use super::activation::unary_jvp;
 use super::reduce::outer_inner;
+use super::{Op, loss};
 use crate::tape::{Node, Tape, Var};
 use crate::tensor::Tensor;
 
@@ -312,44 +312,38 @@ fn tangent(
                 .avg_pool2d(geom.k, geom.stride, geom.padding)
                 .value()
         }),
+        // A loss's tangent is its input gradient (the reverse rule's) dotted with the input's
+        // tangent.
         Op::CrossEntropy {
             logits,
             labels,
             probs,
         } => tan(*logits).map(|tz| {
-            let (b, c) = probs.dims2();
-            let mut s = 0.0f64;
-            for (i, (pr, tr)) in probs.data().chunks(c).zip(tz.data().chunks(c)).enumerate() {
-                for (k, (&p, &t)) in pr.iter().zip(tr).enumerate() {
-                    let y = if labels[i] == k { 1.0 } else { 0.0 };
-                    s += (p as f64 - y) * t as f64;
-                }
-            }
-            Tensor::full(out.shape(), (s / b.max(1) as f64) as f32)
+            let s = 1.0 / probs.dims2().0.max(1) as f32;
+            scalar_dot(out, &loss::cross_entropy_input_grad(labels, probs, s), tz)
         }),
         Op::SquaredError { pred, target } => tan(*pred).map(|tp| {
             let y = val(*pred);
-            let s: f64 = y
-                .data()
-                .iter()
-                .zip(target.data())
-                .zip(tp.data())
-                .map(|((&a, &t), &d)| (a - t) as f64 * d as f64)
-                .sum();
-            Tensor::full(out.shape(), (s / y.dim(0).max(1) as f64) as f32)
+            let s = 1.0 / y.dim(0).max(1) as f32;
+            scalar_dot(out, &loss::squared_error_input_grad(y, target, s), tp)
         }),
         Op::SigmoidBce { logits, target } => tan(*logits).map(|tz| {
             let z = val(*logits);
-            let s: f64 = z
-                .data()
-                .iter()
-                .zip(target.data())
-                .zip(tz.data())
-                .map(|((&z, &t), &d)| (super::activation::sigmoid(z) - t) as f64 * d as f64)
-                .sum();
-            Tensor::full(out.shape(), (s / z.dim(0).max(1) as f64) as f32)
+            let s = 1.0 / z.dim(0).max(1) as f32;
+            scalar_dot(out, &loss::sigmoid_bce_input_grad(z, target, s), tz)
         }),
     }
+}
+
+/// `<d, t>` in f64, as a tensor shaped like `out` (a scalar).
+fn scalar_dot(out: &Tensor, d: &Tensor, t: &Tensor) -> Tensor {
+    let v: f64 = d
+        .data()
+        .iter()
+        .zip(t.data())
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum();
+    Tensor::full(out.shape(), v as f32)
 }
 
 /// The sum of two optional tangents.

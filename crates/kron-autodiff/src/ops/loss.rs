@@ -210,15 +210,9 @@ impl<'t> Var<'t> {
     }
 }
 
-pub(super) fn cross_entropy_backward(
-    logits: usize,
-    labels: &[usize],
-    probs: &Tensor,
-    g: &Tensor,
-    sink: &mut GradSink<'_>,
-) {
-    let (b, c) = probs.dims2();
-    let s = g.item() / b.max(1) as f32;
+/// `s (p - onehot(y))`: the gradient of the summed cross-entropy in the logits, times `s`.
+pub(super) fn cross_entropy_input_grad(labels: &[usize], probs: &Tensor, s: f32) -> Tensor {
+    let c = probs.dims2().1;
     let mut d = probs.data().to_vec();
     for (i, &y) in labels.iter().enumerate() {
         d[i * c + y] -= 1.0;
@@ -226,7 +220,29 @@ pub(super) fn cross_entropy_backward(
     for v in &mut d {
         *v *= s;
     }
-    sink.add(logits, Tensor::from_vec(d, probs.shape()));
+    Tensor::from_vec(d, probs.shape())
+}
+
+/// `s (y - t)`: the gradient of the summed squared error in the prediction, times `s`.
+pub(super) fn squared_error_input_grad(y: &Tensor, target: &Tensor, s: f32) -> Tensor {
+    y.zip_map(target, |a, t| (a - t) * s)
+}
+
+/// `s (sigmoid(z) - t)`: the gradient of the summed binary cross-entropy in the logits,
+/// times `s`.
+pub(super) fn sigmoid_bce_input_grad(z: &Tensor, target: &Tensor, s: f32) -> Tensor {
+    z.zip_map(target, |z, t| (sigmoid(z) - t) * s)
+}
+
+pub(super) fn cross_entropy_backward(
+    logits: usize,
+    labels: &[usize],
+    probs: &Tensor,
+    g: &Tensor,
+    sink: &mut GradSink<'_>,
+) {
+    let s = g.item() / probs.dims2().0.max(1) as f32;
+    sink.add(logits, cross_entropy_input_grad(labels, probs, s));
 }
 
 pub(super) fn squared_error_backward(
@@ -237,7 +253,7 @@ pub(super) fn squared_error_backward(
 ) {
     let y = sink.value(pred);
     let s = g.item() / y.dim(0).max(1) as f32;
-    let d = y.zip_map(target, |a, t| (a - t) * s);
+    let d = squared_error_input_grad(y, target, s);
     sink.add(pred, d);
 }
 
@@ -249,6 +265,6 @@ pub(super) fn sigmoid_bce_backward(
 ) {
     let z = sink.value(logits);
     let s = g.item() / z.dim(0).max(1) as f32;
-    let d = z.zip_map(target, |z, t| (sigmoid(z) - t) * s);
+    let d = sigmoid_bce_input_grad(z, target, s);
     sink.add(logits, d);
 }

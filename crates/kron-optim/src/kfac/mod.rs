@@ -534,28 +534,18 @@ impl Kfac {
         // 5. Apply: momentum and weight decay on the preconditioned update; fallback elsewhere.
         let adapting = self.adapts_now();
         let before: Option<ParamStore> = adapting.then(|| params.clone());
-        let mut fallback_ids: Vec<ParamId> = self.outside.clone();
-        for (b, up) in self.blocks.iter().zip(&updates) {
-            let Some(up) = up else { continue };
-            let Some(u) = &up.u else {
-                fallback_ids.push(b.info.weight);
-                fallback_ids.extend(b.info.bias);
-                continue;
-            };
-            let wshape = params.get(b.info.weight).shape().to_vec();
-            let (uw, ub) = b.info.split(u, &wshape);
-            for (id, u) in std::iter::once((b.info.weight, uw)).chain(b.info.bias.zip(ub)) {
-                let slot = self.slot_of[&id];
-                sgd_update(
-                    params.get_mut(id).data_mut(),
-                    &u.scale(nu).into_vec(),
-                    self.velocity.bufs[slot].data_mut(),
-                    lr,
-                    cfg.momentum,
-                    false,
-                    cfg.weight_decay,
-                );
-            }
+        let (per_param, fallback_ids) = self.per_parameter(params, &updates, false);
+        for (id, u, _) in per_param {
+            let slot = self.slot_of[&id];
+            sgd_update(
+                params.get_mut(id).data_mut(),
+                &u.scale(nu).into_vec(),
+                self.velocity.bufs[slot].data_mut(),
+                lr,
+                cfg.momentum,
+                false,
+                cfg.weight_decay,
+            );
         }
         self.fallback_step(params, grads, &fallback_ids, lr)?;
 
@@ -567,6 +557,42 @@ impl Kfac {
         }
         self.step += 1;
         Ok(report)
+    }
+
+    /// The preconditioned direction `u` of each parameter of the blocks that have a
+    /// preconditioner, split from the `W_aug` layout (with the gradient `v` too when
+    /// `with_grad`), and the parameters that take the fallback rule instead (those outside any
+    /// block and those of blocks not yet refreshed).
+    #[allow(clippy::type_complexity)]
+    fn per_parameter(
+        &self,
+        params: &ParamStore,
+        updates: &[Option<BlockUpdate>],
+        with_grad: bool,
+    ) -> (Vec<(ParamId, Tensor, Option<Tensor>)>, Vec<ParamId>) {
+        let mut out = Vec::new();
+        let mut fallback_ids: Vec<ParamId> = self.outside.clone();
+        for (b, up) in self.blocks.iter().zip(updates) {
+            let Some(up) = up else { continue };
+            let Some(u) = &up.u else {
+                fallback_ids.push(b.info.weight);
+                fallback_ids.extend(b.info.bias);
+                continue;
+            };
+            let wshape = params.get(b.info.weight).shape();
+            let (uw, ub) = b.info.split(u, wshape);
+            let (vw, vb) = if with_grad {
+                let (vw, vb) = b.info.split(&up.v, wshape);
+                (Some(vw), vb)
+            } else {
+                (None, None)
+            };
+            out.push((b.info.weight, uw, vw));
+            if let (Some(id), Some(ub)) = (b.info.bias, ub) {
+                out.push((id, ub, vb));
+            }
+        }
+        (out, fallback_ids)
     }
 
     /// The first-order fallback rule on `ids`.
@@ -620,25 +646,10 @@ impl Kfac {
         let n = params.len();
         let mut proposal: Vec<Option<Tensor>> = vec![None; n];
         let mut grad: Vec<Option<Tensor>> = vec![None; n];
-        let mut fallback_ids: Vec<ParamId> = self.outside.clone();
-        for (b, up) in self.blocks.iter().zip(updates) {
-            let Some(up) = up else { continue };
-            let Some(u) = &up.u else {
-                fallback_ids.push(b.info.weight);
-                fallback_ids.extend(b.info.bias);
-                continue;
-            };
-            let wshape = params.get(b.info.weight).shape().to_vec();
-            let (uw, ub) = b.info.split(u, &wshape);
-            let (vw, vb) = b.info.split(&up.v, &wshape);
-            let ids = std::iter::once(b.info.weight).chain(b.info.bias);
-            for ((id, u), v) in ids
-                .zip(std::iter::once(uw).chain(ub))
-                .zip(std::iter::once(vw).chain(vb))
-            {
-                proposal[id.index()] = Some(u.scale(-1.0));
-                grad[id.index()] = Some(v);
-            }
+        let (per_param, fallback_ids) = self.per_parameter(params, updates, true);
+        for (id, u, v) in per_param {
+            proposal[id.index()] = Some(u.scale(-1.0));
+            grad[id.index()] = v;
         }
         let ids: Vec<ParamId> = params
             .ids()
