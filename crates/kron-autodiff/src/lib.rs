@@ -38,4 +38,4 @@ pub use ops::{ConvGeom, Direction, PoolGeom, Unary};
 pub use param::{LayerId, ParamId, ParamStore};
 pub use rng::Rng;
 pub use tape::{Tape, Var};
-pub use tensor::{Shape, Tensor, broadcast_shape, numel, sum_to_shape};
+pub use tensor::{Shape, Tensor, all_finite, broadcast_shape, numel, sum_to_shape};

@@ -482,7 +482,9 @@ impl Backend for CpuBackend {
     fn is_finite(&self, m: &Mat) -> bool {
         match &m.store {
             Store::F32(t) => t.all_finite(),
-            Store::F64(d) => d.iter().all(|x| x.is_finite()),
+            Store::F64(d) => d
+                .chunks(1024)
+                .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite())),
             #[cfg(feature = "wgpu")]
             Store::Gpu(_) => foreign(),
         }

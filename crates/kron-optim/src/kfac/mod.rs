@@ -535,11 +535,14 @@ impl Kfac {
         let adapting = self.adapts_now();
         let before: Option<ParamStore> = adapting.then(|| params.clone());
         let (per_param, fallback_ids) = self.per_parameter(params, &updates, false);
-        for (id, u, _) in per_param {
+        for (id, mut u, _) in per_param {
             let slot = self.slot_of[&id];
+            if nu != 1.0 {
+                u.data_mut().iter_mut().for_each(|x| *x *= nu);
+            }
             sgd_update(
                 params.get_mut(id).data_mut(),
-                &u.scale(nu).into_vec(),
+                u.data(),
                 self.velocity.bufs[slot].data_mut(),
                 lr,
                 cfg.momentum,
