@@ -1,18 +1,188 @@
-//! Large zeroed buffers.
+//! Large buffers, kept between steps.
 //!
-//! A conv layer's im2col patch matrix is tens to hundreds of MiB, built anew every step: the
-//! allocator maps it fresh from the kernel each time, and faulting it in 4 KiB pages costs
-//! about as much as writing it. On Linux such buffers ask for transparent huge pages before
-//! their first write, which takes most of that cost away (where the system allows huge pages
-//! on request; elsewhere the request does nothing).
+//! A training step allocates the same large buffers every time: a conv layer's im2col patches
+//! are tens to hundreds of MiB, its outputs and their gradients tens. Fresh from the allocator
+//! such a buffer is mapped from the kernel and faulted in page by page, each page zeroed by the
+//! kernel and unmapped again when the step drops it; on the conv net benchmark (batch 128) that
+//! churn was about a sixth of a forward+backward step. So buffers of at least [`POOL_FROM`]
+//! elements go to a pool when the tensor owning them drops, and the next request of about
+//! their size takes one back instead of mapping new memory.
+//!
+//! The pool holds at most [`POOL_MAX_BYTES`]; [`release_buffers`] empties it. A buffer taken
+//! from the pool holds old values: [`zeroed`] clears it, [`scratch`] does not (for callers that
+//! write every element, so that results never depend on what the pool held).
 
-/// Bytes from which [`zeroed`] asks for huge pages (a few huge pages' worth).
-const HUGE_PAGES_FROM: usize = 8 << 20;
+use std::sync::Mutex;
 
-/// A buffer of `n` zeros, backed by huge pages where that is cheap to ask for.
+/// Elements (1 MiB) from which buffers are pooled and fresh ones ask for huge pages.
+pub(crate) const POOL_FROM: usize = 1 << 18;
+
+/// The most bytes the pool keeps (the buffers of a large step, not of many).
+pub(crate) const POOL_MAX_BYTES: usize = 2 << 30;
+
+struct Pool {
+    /// Free buffers, oldest first.
+    bufs: Vec<Vec<f32>>,
+    bytes: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    bufs: Vec::new(),
+    bytes: 0,
+});
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
+    // A panic elsewhere while holding the lock leaves a consistent pool (every method below
+    // finishes its bookkeeping before it can panic), so a poisoned lock is still usable.
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A pooled buffer of capacity between `n` and `2n`, the smallest such, if any.
+fn take(n: usize) -> Option<Vec<f32>> {
+    if n < POOL_FROM {
+        return None;
+    }
+    let mut p = pool();
+    let (at, _) = p
+        .bufs
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.capacity() >= n && b.capacity() <= 2 * n)
+        .min_by_key(|(_, b)| b.capacity())?;
+    let mut v = p.bufs.swap_remove(at);
+    p.bytes -= v.capacity() * size_of::<f32>();
+    drop(p);
+    // Shrinking only moves the length: the elements up to `n` stay as they were.
+    v.truncate(n);
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    Some(v)
+}
+
+/// A buffer of `n` elements with unspecified (finite, stale) contents, for callers that write
+/// every element before reading any.
+pub(crate) fn scratch(n: usize) -> Vec<f32> {
+    take(n).unwrap_or_else(|| fresh(n))
+}
+
+/// A buffer of `n` zeros.
 pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    match take(n) {
+        Some(mut v) => {
+            fill(&mut v, 0.0);
+            v
+        }
+        None => fresh(n),
+    }
+}
+
+/// A copy of `src` in a (possibly pooled) buffer.
+pub(crate) fn copy_of(src: &[f32]) -> Vec<f32> {
+    match take(src.len()) {
+        Some(mut v) => {
+            v.copy_from_slice(src);
+            v
+        }
+        None => src.to_vec(),
+    }
+}
+
+/// Hands a buffer back: kept for reuse when large and the pool has room, freed otherwise.
+pub(crate) fn recycle(v: Vec<f32>) {
+    let bytes = v.capacity() * size_of::<f32>();
+    if v.capacity() < POOL_FROM || bytes > POOL_MAX_BYTES {
+        return;
+    }
+    let mut p = pool();
+    // Room for it by freeing the oldest buffers first.
+    let mut freed = 0;
+    let mut over = (p.bytes + bytes).saturating_sub(POOL_MAX_BYTES);
+    while over > 0 && freed < p.bufs.len() {
+        let b = p.bufs[freed].capacity() * size_of::<f32>();
+        over = over.saturating_sub(b);
+        p.bytes -= b;
+        freed += 1;
+    }
+    let old: Vec<Vec<f32>> = p.bufs.drain(..freed).collect();
+    p.bytes += bytes;
+    p.bufs.push(v);
+    drop(p);
+    drop(old);
+}
+
+/// `u32` indices (max-pooling's argmax) in a pooled buffer, handed back when dropped.
+pub(crate) struct Indices(Vec<u32>);
+
+impl Indices {
+    /// `n` indices with unspecified contents, for callers that write every one.
+    pub(crate) fn scratch(n: usize) -> Self {
+        let mut v = std::mem::ManuallyDrop::new(scratch(n));
+        // SAFETY: f32 and u32 have the same size and alignment and every bit pattern is a
+        // valid value of both, so the allocation, its length and its initialized elements are
+        // reinterpreted as they are (and later freed with the same layout).
+        Indices(unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<u32>(), v.len(), v.capacity()) })
+    }
+}
+
+impl std::ops::Deref for Indices {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Indices {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for Indices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Indices({} entries)", self.0.len())
+    }
+}
+
+impl Drop for Indices {
+    fn drop(&mut self) {
+        let mut v = std::mem::ManuallyDrop::new(std::mem::take(&mut self.0));
+        // SAFETY: as in `Indices::scratch`, the other way round.
+        recycle(unsafe {
+            Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity())
+        });
+    }
+}
+
+/// Frees every buffer the pool holds and returns how many bytes that was.
+///
+/// kron keeps the large buffers of dropped tensors (up to 2 GiB) so that the next training step
+/// reuses them instead of mapping fresh memory from the kernel; call this after training to
+/// give that memory back.
+pub fn release_buffers() -> usize {
+    let mut p = pool();
+    let bufs = std::mem::take(&mut p.bufs);
+    let bytes = std::mem::replace(&mut p.bytes, 0);
+    drop(p);
+    drop(bufs);
+    bytes
+}
+
+/// Bytes the pool holds now.
+pub fn pooled_bytes() -> usize {
+    pool().bytes
+}
+
+/// Sets every element to `v`, on rayon's threads when large.
+fn fill(x: &mut [f32], v: f32) {
+    use rayon::prelude::*;
+    x.par_chunks_mut(POOL_FROM).for_each(|c| c.fill(v));
+}
+
+/// A new zeroed buffer, backed by huge pages where that is cheap to ask for.
+fn fresh(n: usize) -> Vec<f32> {
     let mut v = vec![0.0f32; n];
-    if std::mem::size_of_val(v.as_slice()) >= HUGE_PAGES_FROM {
+    if n >= POOL_FROM {
         advise_huge_pages(&mut v);
     }
     v
@@ -40,3 +210,45 @@ fn advise_huge_pages(v: &mut [f32]) {
 
 #[cfg(not(target_os = "linux"))]
 fn advise_huge_pages(_v: &mut [f32]) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // One test touches the global pool, so that no other test in this binary races it.
+    #[test]
+    fn the_pool_reuses_clears_and_bounds_its_buffers() {
+        release_buffers();
+        let n = 3 * POOL_FROM + 3;
+        let mut v = scratch(n);
+        v.fill(7.0);
+        let ptr = v.as_ptr();
+        recycle(v);
+        assert_eq!(pooled_bytes(), n * 4);
+        // A request of about the same size takes it back, with its old values...
+        let w = scratch(n - 1);
+        assert_eq!(w.as_ptr(), ptr);
+        assert_eq!(w.len(), n - 1);
+        assert!(w.iter().all(|&x| x == 7.0));
+        recycle(w);
+        // ...zeroed when asked, and grown to length when the capacity allows.
+        let z = zeroed(n);
+        assert_eq!(z.as_ptr(), ptr);
+        assert!(z.iter().all(|&x| x == 0.0));
+        recycle(z);
+        // A much smaller request does not pin the large buffer; small buffers are not pooled.
+        let small = scratch(POOL_FROM + 1);
+        assert_ne!(small.as_ptr(), ptr);
+        recycle(vec![1.0; 10]);
+        assert_eq!(pooled_bytes(), n * 4);
+        // The bound: the oldest buffers go first.
+        let big = POOL_MAX_BYTES / 4 / 2 + 1;
+        recycle(vec![0.0; big]);
+        recycle(vec![0.0; big]);
+        assert!(pooled_bytes() <= POOL_MAX_BYTES);
+        assert_eq!(pooled_bytes(), big * 4, "{}", pooled_bytes());
+        drop(small);
+        assert_eq!(release_buffers(), big * 4);
+        assert_eq!(pooled_bytes(), 0);
+    }
+}

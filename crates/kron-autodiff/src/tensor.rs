@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
+use crate::alloc;
 use crate::gemm;
 use crate::rng::Rng;
 
@@ -24,7 +25,25 @@ pub(crate) const PAR_THRESHOLD: usize = 1 << 15;
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tensor {
     shape: Shape,
-    data: Arc<Vec<f32>>,
+    data: Arc<Storage>,
+}
+
+/// A tensor's elements. Large buffers go back to the pool of [`crate::alloc`] when the last
+/// tensor sharing them drops, for the next step to reuse.
+#[derive(PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+struct Storage(Vec<f32>);
+
+impl Clone for Storage {
+    fn clone(&self) -> Self {
+        Storage(alloc::copy_of(&self.0))
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        alloc::recycle(std::mem::take(&mut self.0));
+    }
 }
 
 /// The number of elements of a shape.
@@ -48,7 +67,7 @@ impl Tensor {
         );
         Tensor {
             shape: Shape::from_slice(shape),
-            data: Arc::new(data),
+            data: Arc::new(Storage(data)),
         }
     }
 
@@ -59,7 +78,7 @@ impl Tensor {
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
-        Self::full(shape, 0.0)
+        Self::from_vec(alloc::zeroed(numel(shape)), shape)
     }
 
     /// A tensor of ones.
@@ -118,22 +137,25 @@ impl Tensor {
 
     /// The number of elements.
     pub fn numel(&self) -> usize {
-        self.data.len()
+        self.data.0.len()
     }
 
     /// The elements in row-major order.
     pub fn data(&self) -> &[f32] {
-        &self.data
+        &self.data.0
     }
 
     /// Mutable access to the elements; copies the storage first if it is shared.
     pub fn data_mut(&mut self) -> &mut [f32] {
-        Arc::make_mut(&mut self.data).as_mut_slice()
+        Arc::make_mut(&mut self.data).0.as_mut_slice()
     }
 
     /// The elements as a `Vec` (a copy unless the storage is unshared).
     pub fn into_vec(self) -> Vec<f32> {
-        Arc::try_unwrap(self.data).unwrap_or_else(|a| (*a).clone())
+        match Arc::try_unwrap(self.data) {
+            Ok(mut s) => std::mem::take(&mut s.0),
+            Err(shared) => alloc::copy_of(&shared.0),
+        }
     }
 
     /// The value of a one-element tensor.
@@ -145,7 +167,7 @@ impl Tensor {
             "Tensor::item: tensor of shape {:?} is not a single value",
             self.shape
         );
-        self.data[0]
+        self.data.0[0]
     }
 
     /// Whether both tensors share one storage (a clone of the other, not a copy).
@@ -252,7 +274,7 @@ impl Tensor {
 
     /// The sum of all elements, accumulated in `f64` in a fixed order.
     pub fn sum_all(&self) -> f32 {
-        self.data.iter().map(|&x| x as f64).sum::<f64>() as f32
+        self.data().iter().map(|&x| x as f64).sum::<f64>() as f32
     }
 
     /// The mean of all elements.
@@ -342,7 +364,8 @@ impl Tensor {
             other.shape,
             if trans_other { "^T" } else { "" }
         );
-        let mut out = vec![0.0f32; m * n];
+        // beta = 0: the GEMM writes every element.
+        let mut out = alloc::scratch(m * n);
         gemm::gemm(
             m,
             k,
@@ -368,16 +391,16 @@ impl Tensor {
     #[track_caller]
     pub fn max_abs_diff(&self, other: &Tensor) -> f32 {
         assert_eq!(self.shape, other.shape, "max_abs_diff: shapes differ");
-        self.data
+        self.data()
             .iter()
-            .zip(other.data.iter())
+            .zip(other.data())
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max)
     }
 
     /// Whether every element is finite (no NaN, no infinity).
     pub fn all_finite(&self) -> bool {
-        all_finite(&self.data)
+        all_finite(self.data())
     }
 
     /// `(outer, n, inner)` around `axis`, for reductions.
@@ -408,26 +431,31 @@ pub(crate) fn reduced_shape(shape: &[usize], axis: usize, keepdim: bool) -> Vec<
 /// `f` over a slice, split across threads when large (same bits either way).
 pub(crate) fn map_slice(src: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     use rayon::prelude::*;
+    let mut out = alloc::scratch(src.len());
+    let one = |(o, &x): (&mut f32, &f32)| *o = f(x);
     if src.len() >= PAR_THRESHOLD {
-        src.par_iter().with_min_len(4096).map(|&x| f(x)).collect()
+        out.par_iter_mut().with_min_len(4096).zip(src).for_each(one);
     } else {
-        src.iter().map(|&x| f(x)).collect()
+        out.iter_mut().zip(src).for_each(one);
     }
+    out
 }
 
 /// `f` over two same-length slices, split across threads when large.
 pub(crate) fn zip_slices(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     use rayon::prelude::*;
     debug_assert_eq!(a.len(), b.len());
+    let mut out = alloc::scratch(a.len());
+    let one = |(o, (&x, &y)): (&mut f32, (&f32, &f32))| *o = f(x, y);
     if a.len() >= PAR_THRESHOLD {
-        a.par_iter()
+        out.par_iter_mut()
             .with_min_len(4096)
-            .zip(b.par_iter())
-            .map(|(&x, &y)| f(x, y))
-            .collect()
+            .zip(a.par_iter().zip(b))
+            .for_each(one);
     } else {
-        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+        out.iter_mut().zip(a.iter().zip(b)).for_each(one);
     }
+    out
 }
 
 /// The broadcast shape of two shapes, NumPy rules: align trailing dimensions; each pair must be
@@ -562,7 +590,7 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOW: usize = 8;
         write!(f, "Tensor{:?} [", self.shape.as_slice())?;
-        for (i, v) in self.data.iter().take(SHOW).enumerate() {
+        for (i, v) in self.data().iter().take(SHOW).enumerate() {
             if i > 0 {
                 write!(f, ", ")?;
             }

@@ -298,7 +298,7 @@ pub(super) fn unary_jvp(xv: &Tensor, u: Unary, out: &Tensor, t: &Tensor) -> Tens
 fn unary_grad(xd: &[f32], yd: &[f32], gd: &[f32], df: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     use rayon::prelude::*;
     let one = |((o, x), (y, g)): ((&mut f32, &f32), (&f32, &f32))| *o = g * df(*x, *y);
-    let mut d = vec![0.0f32; xd.len()];
+    let mut d = crate::alloc::scratch(xd.len());
     if xd.len() >= crate::tensor::PAR_THRESHOLD {
         d.par_iter_mut()
             .with_min_len(4096)

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{GradSink, Op};
-use crate::alloc::zeroed;
+use crate::alloc::{recycle, scratch, zeroed};
 use crate::capture::LayerCapture;
 use crate::gemm::gemm;
 use crate::ops::linear::column_sums;
@@ -84,84 +84,79 @@ impl ConvGeom {
     }
 }
 
-/// For each output column `ow`, the kernel columns `j` that land inside the image and the
-/// input column of the first: `(j_lo, j_hi, iw_lo)`. Consecutive `j` read consecutive input
-/// columns, so each kernel row of a patch is one contiguous run.
-fn column_runs(geom: &ConvGeom) -> Vec<(usize, usize, usize)> {
-    (0..geom.w_out)
-        .map(|ow| {
-            let start = ow * geom.stride;
-            let j_lo = geom.padding.saturating_sub(start).min(geom.kw);
-            let j_hi = (geom.w_in + geom.padding)
-                .saturating_sub(start)
-                .min(geom.kw);
-            let j_hi = j_hi.max(j_lo);
-            (j_lo, j_hi, (start + j_lo).saturating_sub(geom.padding))
-        })
-        .collect()
-}
-
 /// The im2col patch matrix of an NCHW batch: `(N * T) x (C * kh * kw)`, rows in `(n, t)` order,
 /// columns in `(c, kh, kw)` order, zeros where the kernel overhangs the padding.
 pub fn im2col(x: &[f32], geom: &ConvGeom) -> Vec<f32> {
-    let mut out = zeroed(geom.batch * geom.locations() * geom.patch_len());
+    let mut out = scratch(geom.batch * geom.locations() * geom.patch_len());
     im2col_into(x, geom, &mut out);
     out
 }
 
-/// [`im2col`] of the images of `x` into `out` (zeros, one block of `T x K` per image),
-/// image-parallel.
+/// Width of an input row with its padding on both sides: every kernel window of a row lies
+/// inside it.
+fn padded_width(geom: &ConvGeom) -> usize {
+    geom.w_in + 2 * geom.padding
+}
+
+/// [`im2col`] of the images of `x` into `out` (one block of `T x K` per image), image-parallel.
+/// Writes every element of `out`, the padding's zeros included, so `out` may hold anything.
 fn im2col_into(x: &[f32], geom: &ConvGeom, out: &mut [f32]) {
     let img = geom.in_ch * geom.h_in * geom.w_in;
-    let runs = column_runs(geom);
     out.par_chunks_mut((geom.locations() * geom.patch_len()).max(1))
         .zip(x.par_chunks(img.max(1)))
-        .for_each(|(dst, src)| match geom.kw {
-            // Whole kernel rows of the common widths copy as fixed-size arrays.
-            3 => im2col_image::<3>(src, geom, &runs, dst),
-            5 => im2col_image::<5>(src, geom, &runs, dst),
-            _ => im2col_image::<0>(src, geom, &runs, dst),
-        });
+        .for_each_init(
+            || vec![0.0f32; geom.in_ch * geom.kh * padded_width(geom)],
+            |rows, (dst, src)| match geom.kw {
+                // Kernel rows of the common widths copy as fixed-size arrays.
+                3 => im2col_image::<3>(src, geom, rows, dst),
+                5 => im2col_image::<5>(src, geom, rows, dst),
+                _ => im2col_image::<0>(src, geom, rows, dst),
+            },
+        );
+}
+
+/// The input row `ih` of channel `c` that kernel row `i` of output row `oh` reads, or `None`
+/// where it falls in the padding.
+fn input_row(geom: &ConvGeom, oh: usize, i: usize) -> Option<usize> {
+    (oh * geom.stride + i)
+        .checked_sub(geom.padding)
+        .filter(|&ih| ih < geom.h_in)
 }
 
 /// The patch rows of one image; `KW` is the kernel width when it is known at compile time
-/// (`0` otherwise).
+/// (`0` otherwise). `rows` holds `C * kh` padded rows of [`padded_width`].
+///
+/// For each output row, the input rows that its kernel rows read are copied once into the
+/// middle of `rows` (zeros where a kernel row falls in the padding; the padding columns are
+/// zero); each patch row is then written front to back, `kw` values per channel and kernel
+/// row, with no bounds to test.
 #[inline(always)]
-fn im2col_image<const KW: usize>(
-    src: &[f32],
-    geom: &ConvGeom,
-    runs: &[(usize, usize, usize)],
-    dst: &mut [f32],
-) {
-    let (plane, k_len) = (geom.h_in * geom.w_in, geom.patch_len());
-    for oh in 0..geom.h_out {
-        // The kernel rows `i` that land inside the image, and the input row of the first.
-        let start = oh * geom.stride;
-        let i_lo = geom.padding.saturating_sub(start).min(geom.kh);
-        let i_hi = (geom.h_in + geom.padding)
-            .saturating_sub(start)
-            .min(geom.kh)
-            .max(i_lo);
-        let ih_lo = (start + i_lo).saturating_sub(geom.padding);
-        for (ow, &(j_lo, j_hi, iw_lo)) in runs.iter().enumerate() {
-            let row = &mut dst[(oh * geom.w_out + ow) * k_len..][..k_len];
-            let len = j_hi - j_lo;
-            if len == 0 {
-                continue;
+fn im2col_image<const KW: usize>(src: &[f32], geom: &ConvGeom, rows: &mut [f32], dst: &mut [f32]) {
+    let (plane, k_len, kw, w_in) = (geom.h_in * geom.w_in, geom.patch_len(), geom.kw, geom.w_in);
+    let (p, wp) = (geom.padding, padded_width(geom));
+    for (oh, out_rows) in dst
+        .chunks_exact_mut(geom.w_out * k_len)
+        .enumerate()
+        .take(geom.h_out)
+    {
+        for (ci, row) in rows.chunks_exact_mut(wp).enumerate() {
+            let (c, i) = (ci / geom.kh, ci % geom.kh);
+            match input_row(geom, oh, i) {
+                Some(ih) => row[p..p + w_in].copy_from_slice(&src[c * plane + ih * w_in..][..w_in]),
+                None => row[p..p + w_in].fill(0.0),
             }
-            for c in 0..geom.in_ch {
-                for (i, ih) in (i_lo..i_hi).zip(ih_lo..) {
-                    let from = c * plane + ih * geom.w_in + iw_lo;
-                    let to = (c * geom.kh + i) * geom.kw + j_lo;
-                    if KW != 0 && len == KW {
-                        let s: &[f32; KW] = src[from..from + KW].try_into().unwrap();
-                        let d: &mut [f32; KW] = (&mut row[to..to + KW]).try_into().unwrap();
-                        *d = *s;
-                    } else {
-                        for (d, s) in row[to..to + len].iter_mut().zip(&src[from..from + len]) {
-                            *d = *s;
-                        }
-                    }
+        }
+        for (ow, patch) in out_rows.chunks_exact_mut(k_len).enumerate() {
+            let from = ow * geom.stride;
+            if KW != 0 {
+                for (d, row) in patch.chunks_exact_mut(KW).zip(rows.chunks_exact(wp)) {
+                    let s: &[f32; KW] = row[from..from + KW].try_into().unwrap();
+                    let d: &mut [f32; KW] = d.try_into().unwrap();
+                    *d = *s;
+                }
+            } else {
+                for (d, row) in patch.chunks_exact_mut(kw).zip(rows.chunks_exact(wp)) {
+                    d.copy_from_slice(&row[from..from + kw]);
                 }
             }
         }
@@ -170,7 +165,7 @@ fn im2col_image<const KW: usize>(
 
 /// The adjoint of [`im2col`]: sums patch gradients back into an NCHW image gradient.
 pub fn col2im(dp: &[f32], geom: &ConvGeom) -> Vec<f32> {
-    let mut dx = vec![0.0f32; geom.batch * geom.in_ch * geom.h_in * geom.w_in];
+    let mut dx = zeroed(geom.batch * geom.in_ch * geom.h_in * geom.w_in);
     col2im_into(dp, geom, &mut dx);
     dx
 }
@@ -181,55 +176,56 @@ pub fn col2im(dp: &[f32], geom: &ConvGeom) -> Vec<f32> {
 fn col2im_into(dp: &[f32], geom: &ConvGeom, dx: &mut [f32]) {
     let (t_len, k_len) = (geom.locations(), geom.patch_len());
     let img = geom.in_ch * geom.h_in * geom.w_in;
-    let runs = column_runs(geom);
     dx.par_chunks_mut(img.max(1))
         .zip(dp.par_chunks((t_len * k_len).max(1)))
-        .for_each(|(dst, src)| match geom.kw {
-            3 => col2im_image::<3>(src, geom, &runs, dst),
-            5 => col2im_image::<5>(src, geom, &runs, dst),
-            _ => col2im_image::<0>(src, geom, &runs, dst),
-        });
+        .for_each_init(
+            || vec![0.0f32; padded_width(geom)],
+            |row, (dst, src)| match geom.kw {
+                3 => col2im_image::<3>(src, geom, row, dst),
+                5 => col2im_image::<5>(src, geom, row, dst),
+                _ => col2im_image::<0>(src, geom, row, dst),
+            },
+        );
 }
 
-/// The gradient of one image from its patch rows; `KW` as in `im2col_image`.
+/// The gradient of one image from its patch rows; `KW` and `row` as in `im2col_image`.
+///
+/// For each output row, channel and kernel row inside the image, the input row's gradient is
+/// copied into the middle of `row`, every output column adds its kernel row into it (what lands
+/// in the padding is dropped), and the middle is copied back. An input element thus receives
+/// its entries in `(oh, ow)` order, each added to its running sum.
 #[inline(always)]
-fn col2im_image<const KW: usize>(
-    src: &[f32],
-    geom: &ConvGeom,
-    runs: &[(usize, usize, usize)],
-    dst: &mut [f32],
-) {
-    let (plane, k_len) = (geom.h_in * geom.w_in, geom.patch_len());
-    for oh in 0..geom.h_out {
-        let start = oh * geom.stride;
-        let i_lo = geom.padding.saturating_sub(start).min(geom.kh);
-        let i_hi = (geom.h_in + geom.padding)
-            .saturating_sub(start)
-            .min(geom.kh)
-            .max(i_lo);
-        let ih_lo = (start + i_lo).saturating_sub(geom.padding);
-        for (ow, &(j_lo, j_hi, iw_lo)) in runs.iter().enumerate() {
-            let row = &src[(oh * geom.w_out + ow) * k_len..][..k_len];
-            let len = j_hi - j_lo;
-            if len == 0 {
-                continue;
-            }
-            for c in 0..geom.in_ch {
-                for (i, ih) in (i_lo..i_hi).zip(ih_lo..) {
-                    let to = c * plane + ih * geom.w_in + iw_lo;
-                    let from = (c * geom.kh + i) * geom.kw + j_lo;
-                    if KW != 0 && len == KW {
-                        let s: &[f32; KW] = row[from..from + KW].try_into().unwrap();
-                        let d: &mut [f32; KW] = (&mut dst[to..to + KW]).try_into().unwrap();
+fn col2im_image<const KW: usize>(src: &[f32], geom: &ConvGeom, row: &mut [f32], dst: &mut [f32]) {
+    let (plane, k_len, kw, w_in) = (geom.h_in * geom.w_in, geom.patch_len(), geom.kw, geom.w_in);
+    let p = geom.padding;
+    for (oh, rows) in src
+        .chunks_exact(geom.w_out * k_len)
+        .enumerate()
+        .take(geom.h_out)
+    {
+        for c in 0..geom.in_ch {
+            for i in 0..geom.kh {
+                let Some(ih) = input_row(geom, oh, i) else {
+                    continue;
+                };
+                let off = (c * geom.kh + i) * kw;
+                let line = &mut dst[c * plane + ih * w_in..][..w_in];
+                row[p..p + w_in].copy_from_slice(line);
+                for (ow, patch) in rows.chunks_exact(k_len).enumerate() {
+                    let to = ow * geom.stride;
+                    if KW != 0 {
+                        let s: &[f32; KW] = patch[off..off + KW].try_into().unwrap();
+                        let d: &mut [f32; KW] = (&mut row[to..to + KW]).try_into().unwrap();
                         for j in 0..KW {
                             d[j] += s[j];
                         }
                     } else {
-                        for (d, s) in dst[to..to + len].iter_mut().zip(&row[from..from + len]) {
+                        for (d, s) in row[to..to + kw].iter_mut().zip(&patch[off..off + kw]) {
                             *d += s;
                         }
                     }
                 }
+                line.copy_from_slice(&row[p..p + w_in]);
             }
         }
     }
@@ -301,9 +297,10 @@ fn forward(
     let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
     let (t_len, img) = (geom.locations(), geom.in_ch * geom.h_in * geom.w_in);
     let images = (BLOCK / (t_len * k).max(1)).clamp(1, geom.batch.max(1));
-    let mut patches = zeroed(nt * k);
-    let mut out = vec![0.0f32; geom.batch * oc * t_len];
-    let mut s = vec![0.0f32; images * t_len * oc];
+    let mut patches = scratch(nt * k);
+    // Every element of `out` and of each GEMM block of `s` (beta = 0) is written.
+    let mut out = scratch(geom.batch * oc * t_len);
+    let mut s = scratch(images * t_len * oc);
     for (n0, (pb, ob)) in (0..geom.batch).step_by(images).zip(
         patches
             .chunks_mut(images * t_len * k)
@@ -316,6 +313,7 @@ fn forward(
         gemm(rows, k, oc, 1.0, pb, false, w.data(), true, 0.0, sb);
         rows_to_nchw(sb, &geom, bias, ob);
     }
+    recycle(s);
     (
         Tensor::from_vec(out, &[geom.batch, oc, geom.h_out, geom.w_out]),
         Tensor::from_vec(patches, &[nt, k]),
@@ -330,7 +328,7 @@ pub(super) fn conv2d_values(x: &Tensor, w: &Tensor, geom: &ConvGeom) -> Tensor {
 
 /// `(N*T) x out` rows to an NCHW tensor, adding `bias`.
 pub(super) fn rows_to_nchw_tensor(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>) -> Tensor {
-    let mut out = vec![0.0f32; geom.batch * geom.out_ch * geom.locations()];
+    let mut out = scratch(geom.batch * geom.out_ch * geom.locations());
     rows_to_nchw(s, geom, bias, &mut out);
     Tensor::from_vec(out, &[geom.batch, geom.out_ch, geom.h_out, geom.w_out])
 }
@@ -353,7 +351,7 @@ fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, out: &mut [f32
 /// NCHW gradient to `(N*T) x out` rows.
 fn nchw_to_rows(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
     let (t_len, oc) = (geom.locations(), geom.out_ch);
-    let mut out = vec![0.0f32; geom.batch * oc * t_len];
+    let mut out = scratch(geom.batch * oc * t_len);
     out.par_chunks_mut((oc * t_len).max(1))
         .enumerate()
         .for_each(|(n, dst)| {
@@ -414,8 +412,9 @@ pub(super) fn conv2d_backward(
         let per_image = geom.locations() * k;
         let images = (BLOCK / per_image.max(1)).clamp(1, geom.batch.max(1));
         let img = geom.in_ch * geom.h_in * geom.w_in;
-        let mut dx = vec![0.0f32; geom.batch * img];
-        let mut dp = vec![0.0f32; images * per_image];
+        let mut dx = zeroed(geom.batch * img);
+        // Each block of `dp` is written whole by its GEMM (beta = 0) before col2im reads it.
+        let mut dp = scratch(images * per_image);
         let wv = sink.value(w).data();
         for (n0, dxb) in (0..geom.batch)
             .step_by(images)
@@ -438,10 +437,14 @@ pub(super) fn conv2d_backward(
             );
             col2im_into(dpb, geom, dxb);
         }
+        recycle(dp);
         let shape = sink.value(x).shape().to_vec();
         sink.add(x, Tensor::from_vec(dx, &shape));
     }
-    let layer = layer.filter(|l| capture.contains(l))?;
+    let Some(layer) = layer.filter(|l| capture.contains(l)) else {
+        recycle(g_rows);
+        return None;
+    };
     let batch = geom.batch as f32;
     let mut g_cap = g_rows;
     for v in &mut g_cap {

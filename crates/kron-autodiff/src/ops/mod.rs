@@ -74,7 +74,7 @@ pub(crate) enum Op {
     MaxPool2d {
         x: usize,
         geom: PoolGeom,
-        arg: Vec<u32>,
+        arg: crate::alloc::Indices,
     },
     AvgPool2d {
         x: usize,

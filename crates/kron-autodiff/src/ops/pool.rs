@@ -82,8 +82,9 @@ impl<'t> Var<'t> {
         let xv = self.value();
         let geom = PoolGeom::new("max_pool2d", xv.shape(), k, stride, padding);
         let (pi, po) = (geom.h_in * geom.w_in, geom.h_out * geom.w_out);
-        let mut out = vec![0.0f32; geom.planes * po];
-        let mut arg = vec![0u32; geom.planes * po];
+        // Every output element and its argmax is written.
+        let mut out = crate::alloc::scratch(geom.planes * po);
+        let mut arg = crate::alloc::Indices::scratch(geom.planes * po);
         let col_spans: Vec<_> = (0..geom.w_out).map(|ow| geom.span(ow, geom.w_in)).collect();
         // Separably: the first maximum of each window's columns in every input row, then the
         // first maximum of those down the window's rows. That is the first maximum (or first
@@ -195,7 +196,7 @@ pub(super) fn max_pool_backward(
     sink: &mut GradSink<'_>,
 ) {
     let (pi, po) = (geom.h_in * geom.w_in, geom.h_out * geom.w_out);
-    let mut dx = vec![0.0f32; geom.planes * pi];
+    let mut dx = crate::alloc::zeroed(geom.planes * pi);
     dx.par_chunks_mut(pi.max(1)).enumerate().for_each(|(p, d)| {
         let gp = &g.data()[p * po..(p + 1) * po];
         let ap = &arg[p * po..(p + 1) * po];
@@ -210,7 +211,7 @@ pub(super) fn max_pool_backward(
 pub(super) fn avg_pool_backward(x: usize, geom: &PoolGeom, g: &Tensor, sink: &mut GradSink<'_>) {
     let (pi, po) = (geom.h_in * geom.w_in, geom.h_out * geom.w_out);
     let inv = 1.0 / (geom.k * geom.k) as f32;
-    let mut dx = vec![0.0f32; geom.planes * pi];
+    let mut dx = crate::alloc::zeroed(geom.planes * pi);
     dx.par_chunks_mut(pi.max(1)).enumerate().for_each(|(p, d)| {
         let gp = &g.data()[p * po..(p + 1) * po];
         for oh in 0..geom.h_out {
