@@ -1,6 +1,6 @@
 //! Prints kron's measured step figures in one run:
 //!
-//! 1. sgemm GFLOP/s at n = 1000 and 2048;
+//! 1. the machine's FMA peak (the ceiling of every rate) and sgemm GFLOP/s at n = 1000 and 2048;
 //! 2. for the autoencoder (batch 1000) and the conv net (batch 128): the median and best of
 //!    `--reps` forward+backward steps, the same GEMMs alone timed in alternation with the
 //!    steps, the GEMMs' GFLOP count and rate, and the ratio step time / GEMM time;
@@ -16,7 +16,7 @@ use kron::autodiff::Rng;
 use kron::layers::Module;
 use kron::optim::{Kfac, KfacConfig, Optimizer, Sgd, SgdConfig, StepReport};
 use kron::train_step;
-use kron_benches::{GemmSet, Samples, Workload, load_average, time};
+use kron_benches::{GemmSet, Samples, Workload, fma_peak, load_average, time};
 
 struct Args {
     reps: usize,
@@ -407,6 +407,12 @@ fn main() {
     );
     let runs = |part: &str| args.only.as_deref().is_none_or(|o| o == part);
     if runs("sgemm") {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let (Some(one), Some(all)) = (fma_peak(1), fma_peak(cores)) {
+            println!(
+                "FMA peak (f32, AVX2): {one:.1} GFLOP/s on 1 core, {all:.1} on {cores}: the ceiling of every rate below"
+            );
+        }
         sgemm_line(1000, 10);
         sgemm_line(2048, 5);
     }

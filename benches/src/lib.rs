@@ -423,6 +423,55 @@ impl Samples {
     }
 }
 
+/// The machine's `f32` fused multiply-add throughput in GFLOP/s on `threads` threads at once:
+/// ten independent chains of 8-wide FMAs per thread, the most any GEMM kernel can reach. The
+/// ceiling for every GFLOP/s figure the benchmarks print. `None` without AVX2 and FMA.
+pub fn fma_peak(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return None;
+        }
+        const ITERS: u64 = 40_000_000;
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                // SAFETY: AVX2 and FMA were detected above.
+                s.spawn(|| std::hint::black_box(unsafe { fma_chains(ITERS) }));
+            }
+        });
+        let flops = threads.max(1) as f64 * ITERS as f64 * 10.0 * 8.0 * 2.0;
+        Some(flops / start.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+/// `iters` rounds of ten independent 8-wide FMA chains.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains(iters: u64) -> f32 {
+    use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_set1_ps, _mm256_storeu_ps};
+    let (b, c) = (_mm256_set1_ps(1.0 - 1e-7), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(0.5); 10];
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = _mm256_fmadd_ps(*a, b, c);
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    let mut sum = 0.0;
+    for a in acc {
+        // SAFETY: `lanes` holds the 8 floats an unaligned 256-bit store writes.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+        sum += lanes.iter().sum::<f32>();
+    }
+    sum
+}
+
 /// The 1-minute load average from `/proc/loadavg`, if readable.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
