@@ -8,11 +8,14 @@
 //! elements go to a pool when the tensor owning them drops, and the next request of about
 //! their size takes one back instead of mapping new memory.
 //!
-//! The pool holds at most [`POOL_MAX_BYTES`]; [`release_buffers`] empties it. A buffer taken
+//! The pool takes back only buffers it handed out (a buffer allocated elsewhere is freed as
+//! usual when its tensor drops), so it holds what the pooled ops of the last step used and no
+//! more, and never more than [`POOL_MAX_BYTES`]; [`release_buffers`] empties it. A buffer taken
 //! from the pool holds old values: [`zeroed`] clears it, [`scratch`] does not (for callers that
 //! write every element, so that results never depend on what the pool held).
 
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex};
 
 /// Elements (1 MiB) from which buffers are pooled and fresh ones ask for huge pages.
 pub(crate) const POOL_FROM: usize = 1 << 18;
@@ -24,12 +27,29 @@ struct Pool {
     /// Free buffers, oldest first.
     bufs: Vec<Vec<f32>>,
     bytes: usize,
+    /// Addresses of the buffers handed out and not yet back.
+    lent: HashSet<usize>,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool {
-    bufs: Vec::new(),
-    bytes: 0,
+/// Addresses of lent buffers kept at most: beyond, buffers dropped as plain `Vec`s (never handed
+/// back) would pile up; forgetting them only means their addresses are not taken back.
+const MAX_LENT: usize = 1 << 16;
+
+static POOL: LazyLock<Mutex<Pool>> = LazyLock::new(|| {
+    Mutex::new(Pool {
+        bufs: Vec::new(),
+        bytes: 0,
+        lent: HashSet::new(),
+    })
 });
+
+/// Notes `v` as lent, so that [`recycle`] takes it back.
+fn lend(p: &mut Pool, v: &[f32]) {
+    if p.lent.len() >= MAX_LENT {
+        p.lent.clear();
+    }
+    p.lent.insert(v.as_ptr() as usize);
+}
 
 fn pool() -> std::sync::MutexGuard<'static, Pool> {
     // A panic elsewhere while holding the lock leaves a consistent pool (every method below
@@ -51,6 +71,7 @@ fn take(n: usize) -> Option<Vec<f32>> {
         .min_by_key(|(_, b)| b.capacity())?;
     let mut v = p.bufs.swap_remove(at);
     p.bytes -= v.capacity() * size_of::<f32>();
+    lend(&mut p, &v);
     drop(p);
     // Shrinking only moves the length: the elements up to `n` stay as they were.
     v.truncate(n);
@@ -88,13 +109,16 @@ pub(crate) fn copy_of(src: &[f32]) -> Vec<f32> {
     }
 }
 
-/// Hands a buffer back: kept for reuse when large and the pool has room, freed otherwise.
+/// Hands a buffer back: kept for reuse when the pool lent it and has room, freed otherwise.
 pub(crate) fn recycle(v: Vec<f32>) {
     let bytes = v.capacity() * size_of::<f32>();
-    if v.capacity() < POOL_FROM || bytes > POOL_MAX_BYTES {
+    if v.capacity() < POOL_FROM {
         return;
     }
     let mut p = pool();
+    if !p.lent.remove(&(v.as_ptr() as usize)) || bytes > POOL_MAX_BYTES {
+        return;
+    }
     // Room for it by freeing the oldest buffers first.
     let mut freed = 0;
     let mut over = (p.bytes + bytes).saturating_sub(POOL_MAX_BYTES);
@@ -179,13 +203,27 @@ fn fill(x: &mut [f32], v: f32) {
     x.par_chunks_mut(POOL_FROM).for_each(|c| c.fill(v));
 }
 
-/// A new zeroed buffer, backed by huge pages where that is cheap to ask for.
+/// A new zeroed buffer, backed by huge pages where that is cheap to ask for, lent when large.
 fn fresh(n: usize) -> Vec<f32> {
     let mut v = vec![0.0f32; n];
     if n >= POOL_FROM {
         advise_huge_pages(&mut v);
+        lend(&mut pool(), &v);
     }
     v
+}
+
+/// A buffer of `n` elements with unspecified (finite, stale) contents, from the pool of large
+/// buffers that kron's ops share, for code that writes every element before reading any (a
+/// GEMM output with `beta = 0`, say). Wrapped in a [`Tensor`](crate::Tensor), it returns to the
+/// pool when the tensor's storage drops.
+pub fn scratch_buffer(n: usize) -> Vec<f32> {
+    scratch(n)
+}
+
+/// A buffer of `n` zeros from the pool of large buffers (see [`scratch_buffer`]).
+pub fn zeroed_buffer(n: usize) -> Vec<f32> {
+    zeroed(n)
 }
 
 #[cfg(target_os = "linux")]
@@ -240,11 +278,14 @@ mod tests {
         let small = scratch(POOL_FROM + 1);
         assert_ne!(small.as_ptr(), ptr);
         recycle(vec![1.0; 10]);
+        // A buffer the pool did not lend is freed, not kept.
+        recycle(vec![1.0; 2 * POOL_FROM]);
         assert_eq!(pooled_bytes(), n * 4);
         // The bound: the oldest buffers go first.
         let big = POOL_MAX_BYTES / 4 / 2 + 1;
-        recycle(vec![0.0; big]);
-        recycle(vec![0.0; big]);
+        let (b1, b2) = (scratch(big), scratch(big));
+        recycle(b1);
+        recycle(b2);
         assert!(pooled_bytes() <= POOL_MAX_BYTES);
         assert_eq!(pooled_bytes(), big * 4, "{}", pooled_bytes());
         drop(small);

@@ -30,7 +30,7 @@ mod tape;
 mod tensor;
 pub mod testing;
 
-pub use alloc::{pooled_bytes, release_buffers};
+pub use alloc::{pooled_bytes, release_buffers, scratch_buffer, zeroed_buffer};
 pub use capture::LayerCapture;
 pub use gemm::gemm;
 pub use gradients::Gradients;

@@ -103,7 +103,8 @@ impl FisherBlock {
             b.shape()
         );
         let n = cols + 1;
-        let mut out = vec![0.0f32; rows * n];
+        // Every element is written below.
+        let mut out = kron_autodiff::scratch_buffer(rows * n);
         for r in 0..rows {
             out[r * n..r * n + cols].copy_from_slice(&weight.data()[r * cols..(r + 1) * cols]);
             out[r * n + cols] = b.data()[r];
@@ -127,10 +128,11 @@ impl FisherBlock {
             return (aug.reshape(weight_shape), None);
         }
         let cols = n - 1;
-        let mut w = Vec::with_capacity(rows * cols);
+        // Every element of `w` is written below.
+        let mut w = kron_autodiff::scratch_buffer(rows * cols);
         let mut b = Vec::with_capacity(rows);
         for r in 0..rows {
-            w.extend_from_slice(&aug.data()[r * n..r * n + cols]);
+            w[r * cols..(r + 1) * cols].copy_from_slice(&aug.data()[r * n..r * n + cols]);
             b.push(aug.data()[r * n + cols]);
         }
         (

@@ -277,7 +277,9 @@ impl Backend for CpuBackend {
         let store = match self.precision {
             Precision::F32 if rows == r => Store::F32(t.clone()),
             Precision::F32 => {
-                Store::F32(Tensor::from_vec(t.data()[..rows * c].to_vec(), &[rows, c]))
+                let mut v = kron_autodiff::scratch_buffer(rows * c);
+                v.copy_from_slice(&t.data()[..rows * c]);
+                Store::F32(Tensor::from_vec(v, &[rows, c]))
             }
             Precision::F64 => Store::F64(t.data()[..rows * c].iter().map(|&x| x as f64).collect()),
         };
@@ -324,7 +326,8 @@ impl Backend for CpuBackend {
         );
         match (&a.store, &b.store) {
             (Store::F32(x), Store::F32(y)) => {
-                let mut c = vec![0.0f32; m * n];
+                // beta = 0: the GEMM writes every element.
+                let mut c = kron_autodiff::scratch_buffer(m * n);
                 gemm_f32(m, k, n, alpha, x.data(), ta, y.data(), tb, 0.0, &mut c, n);
                 Mat {
                     rows: m,
