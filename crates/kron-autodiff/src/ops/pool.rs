@@ -88,8 +88,9 @@ impl<'t> Var<'t> {
         let col_spans: Vec<_> = (0..geom.w_out).map(|ow| geom.span(ow, geom.w_in)).collect();
         // Separably: the first maximum of each window's columns in every input row, then the
         // first maximum of those down the window's rows. That is the first maximum (or first
-        // NaN) of the window in row-major order, as a single scan would find it, with short,
-        // independent select chains instead of one long branchy scan.
+        // NaN) of the window in row-major order, as a single scan would find it. The second
+        // pass runs across output columns, one window row at a time, so that the comparisons of
+        // neighbouring windows are independent (and vectorize).
         out.par_chunks_mut(po.max(1))
             .zip(arg.par_chunks_mut(po.max(1)))
             .zip(xv.data().par_chunks(pi.max(1)))
@@ -110,15 +111,24 @@ impl<'t> Var<'t> {
                             *a_out = (ih * geom.w_in + at) as u32;
                         }
                     }
-                    for oh in 0..geom.h_out {
+                    for (oh, (o_row, a_row)) in o
+                        .chunks_exact_mut(geom.w_out.max(1))
+                        .zip(a.chunks_exact_mut(geom.w_out.max(1)))
+                        .enumerate()
+                    {
                         let rows = geom.span(oh, geom.h_in);
-                        for ow in 0..geom.w_out {
-                            let (best, at) =
-                                first_max(rows.clone().map(|ih| {
-                                    (hv[ih * geom.w_out + ow], ha[ih * geom.w_out + ow])
-                                }));
-                            o[oh * geom.w_out + ow] = best;
-                            a[oh * geom.w_out + ow] = at;
+                        o_row.copy_from_slice(&hv[rows.start * geom.w_out..][..geom.w_out]);
+                        a_row.copy_from_slice(&ha[rows.start * geom.w_out..][..geom.w_out]);
+                        for ih in rows.start + 1..rows.end {
+                            let (hvr, har) = (
+                                &hv[ih * geom.w_out..(ih + 1) * geom.w_out],
+                                &ha[ih * geom.w_out..(ih + 1) * geom.w_out],
+                            );
+                            for (((b, at), &v), &tag) in
+                                o_row.iter_mut().zip(a_row.iter_mut()).zip(hvr).zip(har)
+                            {
+                                (*b, *at) = keep_first_max(*b, *at, v, tag);
+                            }
                         }
                     }
                 },
@@ -179,13 +189,22 @@ impl<'t> Var<'t> {
 fn first_max<T: Copy>(mut items: impl Iterator<Item = (f32, T)>) -> (f32, T) {
     let (mut best, mut at) = items.next().expect("a pooling window is never empty");
     for (v, tag) in items {
-        let take = (v > best) | (v.is_nan() & !best.is_nan());
-        // On the bits: an integer select compiles to a conditional move, a float one to a
-        // branch that the data mispredicts.
-        best = f32::from_bits(select_unpredictable(take, v.to_bits(), best.to_bits()));
-        at = select_unpredictable(take, tag, at);
+        (best, at) = keep_first_max(best, at, v, tag);
     }
     (best, at)
+}
+
+/// The running first maximum `(best, at)` after seeing `v` (tagged `tag`) next: `v` takes over
+/// when larger, or when it is the first NaN.
+#[inline(always)]
+fn keep_first_max<T: Copy>(best: f32, at: T, v: f32, tag: T) -> (f32, T) {
+    let take = (v > best) | (v.is_nan() & !best.is_nan());
+    // On the bits: an integer select compiles to a conditional move, a float one to a branch
+    // that the data mispredicts.
+    (
+        f32::from_bits(select_unpredictable(take, v.to_bits(), best.to_bits())),
+        select_unpredictable(take, tag, at),
+    )
 }
 
 pub(super) fn max_pool_backward(
