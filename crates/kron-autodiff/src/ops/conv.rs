@@ -339,14 +339,21 @@ fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, out: &mut [f32
     out.par_chunks_mut((oc * t_len).max(1))
         .zip(s.par_chunks((t_len * oc).max(1)))
         .for_each(|(dst, src)| {
-            for o in 0..oc {
-                let b = bias.map_or(0.0, |b| b[o]);
-                for t in 0..t_len {
-                    dst[o * t_len + t] = src[t * oc + o] + b;
+            // A few locations at a time, so that the rows read stay in L1 across channels.
+            for t0 in (0..t_len).step_by(TRANSPOSE_TILE) {
+                let t1 = (t0 + TRANSPOSE_TILE).min(t_len);
+                for o in 0..oc {
+                    let b = bias.map_or(0.0, |b| b[o]);
+                    for (t, d) in (t0..t1).zip(&mut dst[o * t_len + t0..o * t_len + t1]) {
+                        *d = src[t * oc + o] + b;
+                    }
                 }
             }
         });
 }
+
+/// Locations per tile of the NCHW <-> rows transposes.
+const TRANSPOSE_TILE: usize = 64;
 
 /// NCHW gradient to `(N*T) x out` rows.
 fn nchw_to_rows(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
@@ -356,9 +363,12 @@ fn nchw_to_rows(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
         .enumerate()
         .for_each(|(n, dst)| {
             let src = &g[n * oc * t_len..(n + 1) * oc * t_len];
-            for o in 0..oc {
-                for t in 0..t_len {
-                    dst[t * oc + o] = src[o * t_len + t];
+            for t0 in (0..t_len).step_by(TRANSPOSE_TILE) {
+                let t1 = (t0 + TRANSPOSE_TILE).min(t_len);
+                for o in 0..oc {
+                    for (t, s) in (t0..t1).zip(&src[o * t_len + t0..o * t_len + t1]) {
+                        dst[t * oc + o] = *s;
+                    }
                 }
             }
         });
