@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use kron::autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor, gemm};
+use kron::autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor, gemm, in_pool};
 use kron::layers::{
     Activation, Conv2dConfig, Dense, FisherBlock, Flatten, MaxPool2d, Module, Sequential,
 };
@@ -114,11 +114,14 @@ impl Workload {
 
     /// One forward and backward pass on a fresh tape: the loss and the gradients.
     pub fn forward_backward(&self) -> (f32, Gradients) {
-        let tape = Tape::new(&self.params);
-        let out = self.model.forward(tape.input(self.inputs.clone()));
-        let loss = self.loss.apply(out, &self.targets);
-        let grads = tape.backward(loss);
-        (loss.value().item(), grads)
+        // On a rayon worker, as `train_step` runs its passes.
+        in_pool(|| {
+            let tape = Tape::new(&self.params);
+            let out = self.model.forward(tape.input(self.inputs.clone()));
+            let loss = self.loss.apply(out, &self.targets);
+            let grads = tape.backward(loss);
+            (loss.value().item(), grads)
+        })
     }
 
     /// A fingerprint of the bits of one [`Workload::forward_backward`]: the loss and every

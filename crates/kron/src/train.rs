@@ -1,6 +1,6 @@
 //! The training step of DESIGN's contract, and evaluation helpers.
 
-use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor, Var};
+use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor, Var, in_pool};
 use kron_layers::Module;
 use kron_optim::{Captures, FisherKind, OptimError, Optimizer, StepReport, TapeCurvature, Wants};
 
@@ -30,6 +30,19 @@ pub struct StepOutput {
 /// checkpointed generator with the same bits. A gradient with NaN or infinity is an `Err` and
 /// changes nothing.
 pub fn train_step(
+    model: &dyn Module,
+    loss: LossKind,
+    params: &mut ParamStore,
+    opt: &mut dyn Optimizer,
+    inputs: &Tensor,
+    targets: &Targets,
+    rng: &mut Rng,
+) -> Result<StepOutput, OptimError> {
+    in_pool(|| step_on_worker(model, loss, params, opt, inputs, targets, rng))
+}
+
+/// [`train_step`]'s body, run on a rayon worker (see [`in_pool`]).
+fn step_on_worker(
     model: &dyn Module,
     loss: LossKind,
     params: &mut ParamStore,
@@ -134,6 +147,16 @@ fn record<'t>(
 /// The model's outputs on `inputs` in eval mode (no dropout, nothing captured), computed in
 /// batches of `batch` rows to bound memory.
 pub fn predict(model: &dyn Module, params: &ParamStore, inputs: &Tensor, batch: usize) -> Tensor {
+    in_pool(|| predict_on_worker(model, params, inputs, batch))
+}
+
+/// [`predict`]'s body, run on a rayon worker (see [`in_pool`]).
+fn predict_on_worker(
+    model: &dyn Module,
+    params: &ParamStore,
+    inputs: &Tensor,
+    batch: usize,
+) -> Tensor {
     let n = inputs.dim(0);
     let row: usize = inputs.shape()[1..].iter().product();
     let mut out = Vec::new();
