@@ -9,7 +9,6 @@ use super::{GradSink, Op};
 use crate::alloc::{recycle, scratch, zeroed};
 use crate::capture::LayerCapture;
 use crate::gemm::gemm;
-use crate::ops::linear::column_sums;
 use crate::param::LayerId;
 use crate::tape::Var;
 use crate::tensor::Tensor;
@@ -355,6 +354,28 @@ fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, out: &mut [f32
 /// Locations per tile of the NCHW <-> rows transposes.
 const TRANSPOSE_TILE: usize = 64;
 
+/// The sum of each channel of an NCHW gradient: the bias gradient. Each channel sums its
+/// elements in `(n, t)` order, as the column sums of the `(N*T) x out` rows would, reading them
+/// contiguously; channels split across threads (each sum in one thread, so the bits do not
+/// depend on the split).
+fn channel_sums(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
+    let (t_len, oc) = (geom.locations(), geom.out_ch);
+    let sum = |o: usize| {
+        let mut acc = 0.0f32;
+        for n in 0..geom.batch {
+            for v in &g[(n * oc + o) * t_len..][..t_len] {
+                acc += v;
+            }
+        }
+        acc
+    };
+    if g.len() >= crate::tensor::PAR_THRESHOLD {
+        (0..oc).into_par_iter().map(sum).collect()
+    } else {
+        (0..oc).map(sum).collect()
+    }
+}
+
 /// NCHW gradient to `(N*T) x out` rows.
 fn nchw_to_rows(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
     let (t_len, oc) = (geom.locations(), geom.out_ch);
@@ -413,7 +434,7 @@ pub(super) fn conv2d_backward(
     if let Some(b) = b
         && sink.needs(b)
     {
-        sink.add(b, Tensor::from_vec(column_sums(&g_rows, oc), &[oc]));
+        sink.add(b, Tensor::from_vec(channel_sums(g.data(), geom), &[oc]));
     }
     if sink.needs(x) {
         // The patch gradient `g W`, a few images at a time, each block folded back into the
