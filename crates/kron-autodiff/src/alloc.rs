@@ -81,8 +81,8 @@ fn take(n: usize) -> Option<Vec<f32>> {
     Some(v)
 }
 
-/// A buffer of `n` elements with unspecified (finite, stale) contents, for callers that write
-/// every element before reading any.
+/// A buffer of `n` elements with unspecified contents (stale values, NaN among them possibly),
+/// for callers that write every element before reading any.
 pub(crate) fn scratch(n: usize) -> Vec<f32> {
     take(n).unwrap_or_else(|| fresh(n))
 }
@@ -213,9 +213,9 @@ fn fresh(n: usize) -> Vec<f32> {
     v
 }
 
-/// A buffer of `n` elements with unspecified (finite, stale) contents, from the pool of large
-/// buffers that kron's ops share, for code that writes every element before reading any (a
-/// GEMM output with `beta = 0`, say). Wrapped in a [`Tensor`](crate::Tensor), it returns to the
+/// A buffer of `n` elements from the pool of large buffers that kron's ops share, with
+/// unspecified contents (stale values, NaN among them possibly), for code that writes every
+/// element before reading any (a GEMM output with `beta = 0`, say). Wrapped in a [`Tensor`](crate::Tensor), it returns to the
 /// pool when the tensor's storage drops.
 pub fn scratch_buffer(n: usize) -> Vec<f32> {
     scratch(n)

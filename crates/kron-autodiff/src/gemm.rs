@@ -25,8 +25,14 @@ pub fn gemm(
         return;
     }
     if k == 0 {
-        for x in &mut c[..m * n] {
-            *x *= beta;
+        // An empty product: `c = beta c`, where `beta = 0` ignores what `c` held (as
+        // matrixmultiply does), so an output taken from the buffer pool never shows through.
+        if beta == 0.0 {
+            c[..m * n].fill(0.0);
+        } else {
+            for x in &mut c[..m * n] {
+                *x *= beta;
+            }
         }
         return;
     }
@@ -109,6 +115,16 @@ unsafe fn sgemm(
 mod tests {
     use super::*;
     use crate::Rng;
+
+    #[test]
+    fn an_empty_product_ignores_the_old_output_when_beta_is_zero() {
+        let mut c = vec![f32::NAN; 6];
+        gemm(2, 0, 3, 1.0, &[], false, &[], false, 0.0, &mut c);
+        assert_eq!(c, vec![0.0; 6]);
+        let mut c = vec![2.0; 6];
+        gemm(2, 0, 3, 1.0, &[], false, &[], false, 0.5, &mut c);
+        assert_eq!(c, vec![1.0; 6]);
+    }
 
     #[test]
     fn the_transposed_product_has_the_same_bits() {
