@@ -73,22 +73,21 @@ fn take(n: usize) -> Option<Vec<f32>> {
     p.bytes -= v.capacity() * size_of::<f32>();
     lend(&mut p, &v);
     drop(p);
-    // Shrinking only moves the length: the elements up to `n` stay as they were.
-    v.truncate(n);
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
+    // Shrinking only moves the length; growing (within the capacity) writes zeros.
+    v.resize(n, 0.0);
     Some(v)
 }
 
-/// A buffer of `n` elements with unspecified contents (stale values, NaN among them possibly),
-/// for callers that write every element before reading any.
-pub(crate) fn scratch(n: usize) -> Vec<f32> {
+/// A buffer of `n` elements from the pool of large buffers that kron's ops share, with
+/// unspecified contents (stale values, NaN among them possibly), for code that writes every
+/// element before reading any (a GEMM output with `beta = 0`, say). Wrapped in a
+/// [`Tensor`](crate::Tensor), it returns to the pool when the tensor's storage drops.
+pub fn scratch(n: usize) -> Vec<f32> {
     take(n).unwrap_or_else(|| fresh(n))
 }
 
-/// A buffer of `n` zeros.
-pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+/// A buffer of `n` zeros from the pool of large buffers (see [`scratch`]).
+pub fn zeroed(n: usize) -> Vec<f32> {
     match take(n) {
         Some(mut v) => {
             fill(&mut v, 0.0);
@@ -211,19 +210,6 @@ fn fresh(n: usize) -> Vec<f32> {
         lend(&mut pool(), &v);
     }
     v
-}
-
-/// A buffer of `n` elements from the pool of large buffers that kron's ops share, with
-/// unspecified contents (stale values, NaN among them possibly), for code that writes every
-/// element before reading any (a GEMM output with `beta = 0`, say). Wrapped in a [`Tensor`](crate::Tensor), it returns to the
-/// pool when the tensor's storage drops.
-pub fn scratch_buffer(n: usize) -> Vec<f32> {
-    scratch(n)
-}
-
-/// A buffer of `n` zeros from the pool of large buffers (see [`scratch_buffer`]).
-pub fn zeroed_buffer(n: usize) -> Vec<f32> {
-    zeroed(n)
 }
 
 #[cfg(target_os = "linux")]

@@ -31,7 +31,9 @@ mod tape;
 mod tensor;
 pub mod testing;
 
-pub use alloc::{pooled_bytes, release_buffers, scratch_buffer, zeroed_buffer};
+pub use alloc::{
+    pooled_bytes, release_buffers, scratch as scratch_buffer, zeroed as zeroed_buffer,
+};
 pub use capture::LayerCapture;
 pub use gemm::gemm;
 pub use gradients::Gradients;

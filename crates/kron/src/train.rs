@@ -38,68 +38,58 @@ pub fn train_step(
     targets: &Targets,
     rng: &mut Rng,
 ) -> Result<StepOutput, OptimError> {
-    in_pool(|| step_on_worker(model, loss, params, opt, inputs, targets, rng))
-}
-
-/// [`train_step`]'s body, run on a rayon worker (see [`in_pool`]).
-fn step_on_worker(
-    model: &dyn Module,
-    loss: LossKind,
-    params: &mut ParamStore,
-    opt: &mut dyn Optimizer,
-    inputs: &Tensor,
-    targets: &Targets,
-    rng: &mut Rng,
-) -> Result<StepOutput, OptimError> {
-    let wants = opt.wants();
-    let step_rng = Rng::new(rng.next_u64());
-    let dropout_rng = step_rng.fork(0);
-    let mut sample_rng = step_rng.fork(1);
-    let (loss_value, report) = if wants.products {
-        // The tape stays alive through the step, for the optimizer's curvature products; it
-        // reads a snapshot of the parameters (shared storage), so the step may write `params`.
-        let snapshot = params.clone();
-        let tape = Tape::new(&snapshot)
-            .with_rng(dropout_rng.clone())
-            .capturing(wants.capture.iter().copied());
-        let (l, grads, captures) =
-            record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
-        let rows = inputs.shape().first().copied().unwrap_or(0);
-        let sub;
-        let curvature_loss = match wants.product_examples {
-            Some(m) if m > 0 && m < rows => {
-                // The products on a sub-batch: a forward pass of its own on the first `m`.
-                sub = Tape::new(&snapshot).with_rng(dropout_rng.clone());
-                let out = model.forward(sub.input(first_rows(inputs, m)));
-                loss.apply(out, &first_targets(targets, m))
-            }
-            _ => l,
-        };
-        let products = TapeCurvature {
-            loss: curvature_loss,
-        };
-        let report = opt.step_with_curvature(params, &grads, &captures, &products)?;
-        (l.value().item(), report)
-    } else {
-        let (loss_value, grads, captures) = {
-            let tape = Tape::new(params)
+    // On a rayon worker, so that the kernels split their work from inside the pool.
+    in_pool(|| {
+        let wants = opt.wants();
+        let step_rng = Rng::new(rng.next_u64());
+        let dropout_rng = step_rng.fork(0);
+        let mut sample_rng = step_rng.fork(1);
+        let (loss_value, report) = if wants.products {
+            // The tape stays alive through the step, for the optimizer's curvature products; it
+            // reads a snapshot of the parameters (shared storage), so the step may write `params`.
+            let snapshot = params.clone();
+            let tape = Tape::new(&snapshot)
                 .with_rng(dropout_rng.clone())
                 .capturing(wants.capture.iter().copied());
             let (l, grads, captures) =
                 record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
-            (l.value().item(), grads, captures)
+            let rows = inputs.shape().first().copied().unwrap_or(0);
+            let sub;
+            let curvature_loss = match wants.product_examples {
+                Some(m) if m > 0 && m < rows => {
+                    // The products on a sub-batch: a forward pass of its own on the first `m`.
+                    sub = Tape::new(&snapshot).with_rng(dropout_rng.clone());
+                    let out = model.forward(sub.input(first_rows(inputs, m)));
+                    loss.apply(out, &first_targets(targets, m))
+                }
+                _ => l,
+            };
+            let products = TapeCurvature {
+                loss: curvature_loss,
+            };
+            let report = opt.step_with_curvature(params, &grads, &captures, &products)?;
+            (l.value().item(), report)
+        } else {
+            let (loss_value, grads, captures) = {
+                let tape = Tape::new(params)
+                    .with_rng(dropout_rng.clone())
+                    .capturing(wants.capture.iter().copied());
+                let (l, grads, captures) =
+                    record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
+                (l.value().item(), grads, captures)
+            };
+            (loss_value, opt.step(params, &grads, &captures)?)
         };
-        (loss_value, opt.step(params, &grads, &captures)?)
-    };
-    if wants.reduction {
-        let tape = Tape::new(params).with_rng(dropout_rng);
-        let out = model.forward(tape.input(inputs.clone()));
-        let after = loss.apply(out, targets).value().item();
-        opt.observe_reduction(loss_value, after);
-    }
-    Ok(StepOutput {
-        loss: loss_value,
-        report,
+        if wants.reduction {
+            let tape = Tape::new(params).with_rng(dropout_rng);
+            let out = model.forward(tape.input(inputs.clone()));
+            let after = loss.apply(out, targets).value().item();
+            opt.observe_reduction(loss_value, after);
+        }
+        Ok(StepOutput {
+            loss: loss_value,
+            report,
+        })
     })
 }
 
@@ -147,37 +137,30 @@ fn record<'t>(
 /// The model's outputs on `inputs` in eval mode (no dropout, nothing captured), computed in
 /// batches of `batch` rows to bound memory.
 pub fn predict(model: &dyn Module, params: &ParamStore, inputs: &Tensor, batch: usize) -> Tensor {
-    in_pool(|| predict_on_worker(model, params, inputs, batch))
-}
-
-/// [`predict`]'s body, run on a rayon worker (see [`in_pool`]).
-fn predict_on_worker(
-    model: &dyn Module,
-    params: &ParamStore,
-    inputs: &Tensor,
-    batch: usize,
-) -> Tensor {
-    let n = inputs.dim(0);
-    let row: usize = inputs.shape()[1..].iter().product();
-    let mut out = Vec::new();
-    let mut out_shape = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let end = (start + batch.max(1)).min(n);
-        let mut shape = inputs.shape().to_vec();
-        shape[0] = end - start;
-        let x = Tensor::from_vec(inputs.data()[start * row..end * row].to_vec(), &shape);
-        let tape = Tape::new(params).training(false);
-        let y = model.forward(tape.input(x)).value();
-        out_shape = y.shape().to_vec();
-        out.extend_from_slice(y.data());
-        start = end;
-    }
-    out_shape[0] = n;
-    if n == 0 {
-        return Tensor::zeros(&[0]);
-    }
-    Tensor::from_vec(out, &out_shape)
+    // On a rayon worker, as `train_step` runs.
+    in_pool(|| {
+        let n = inputs.dim(0);
+        let row: usize = inputs.shape()[1..].iter().product();
+        let mut out = Vec::new();
+        let mut out_shape = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + batch.max(1)).min(n);
+            let mut shape = inputs.shape().to_vec();
+            shape[0] = end - start;
+            let x = Tensor::from_vec(inputs.data()[start * row..end * row].to_vec(), &shape);
+            let tape = Tape::new(params).training(false);
+            let y = model.forward(tape.input(x)).value();
+            out_shape = y.shape().to_vec();
+            out.extend_from_slice(y.data());
+            start = end;
+        }
+        out_shape[0] = n;
+        if n == 0 {
+            return Tensor::zeros(&[0]);
+        }
+        Tensor::from_vec(out, &out_shape)
+    })
 }
 
 /// Mean loss and, for classifiers, accuracy of the model on a whole dataset.

@@ -23,50 +23,6 @@ impl CpuBackend {
     }
 }
 
-/// Strided GEMM `c = alpha op(a) op(b) + beta c` into a block of a larger row-major matrix of
-/// row stride `ldc`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: &[f32],
-    ta: bool,
-    b: &[f32],
-    tb: bool,
-    beta: f32,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    assert!(a.len() >= m * k && b.len() >= k * n && (m == 0 || c.len() >= (m - 1) * ldc + n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the assert bounds every index the strides reach (a: m x k, b: k x n, c: m rows of
-    // stride ldc and n columns).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        );
-    }
-}
-
 /// Columns per block of the symmetric rank-k update: large enough that each block product runs
 /// at full GEMM speed, small enough that the skipped lower blocks matter (4 blocks of a
 /// 1000-wide factor compute 10 of 16 block products).
@@ -130,7 +86,8 @@ macro_rules! syrk {
 syrk!(syrk_f32, f32, matrixmultiply::sgemm);
 syrk!(syrk_f64, f64, matrixmultiply::dgemm);
 
-/// The `f64` twin of [`gemm_f32`].
+/// `c = alpha op(a) op(b) + beta c` in `f64` into a block of a larger row-major matrix of row
+/// stride `ldc` (the `f32` products go through [`kron_autodiff::gemm`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_f64(
     m: usize,
@@ -151,7 +108,8 @@ pub(crate) fn gemm_f64(
     }
     let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: as in gemm_f32.
+    // SAFETY: the assert bounds every index the strides reach (a: m x k, b: k x n, c: m rows of
+    // stride ldc and n columns).
     unsafe {
         matrixmultiply::dgemm(
             m,
@@ -328,7 +286,7 @@ impl Backend for CpuBackend {
             (Store::F32(x), Store::F32(y)) => {
                 // beta = 0: the GEMM writes every element.
                 let mut c = kron_autodiff::scratch_buffer(m * n);
-                gemm_f32(m, k, n, alpha, x.data(), ta, y.data(), tb, 0.0, &mut c, n);
+                kron_autodiff::gemm(m, k, n, alpha, x.data(), ta, y.data(), tb, 0.0, &mut c);
                 Mat {
                     rows: m,
                     cols: n,
@@ -543,24 +501,13 @@ mod syrk_tests {
                 sym[i * ldc + j] = sym[j * ldc + i];
             }
         }
-        let mut full_sym = sym.clone();
-        gemm_f32(
-            d,
-            rows,
-            d,
-            alpha,
-            &x,
-            true,
-            &x,
-            false,
-            beta,
-            &mut full_sym,
-            ldc,
-        );
+        // The full product, as Backend::gemm computes it, on a dense copy of the leading d x d.
+        let mut full_sym: Vec<f32> = (0..d * d).map(|e| sym[(e / d) * ldc + e % d]).collect();
+        kron_autodiff::gemm(d, rows, d, alpha, &x, true, &x, false, beta, &mut full_sym);
         syrk_f32(d, rows, alpha, &x, beta, &mut sym, ldc);
         for i in 0..d {
             for j in 0..d {
-                let (s, f) = (sym[i * ldc + j], full_sym[i * ldc + j]);
+                let (s, f) = (sym[i * ldc + j], full_sym[i * d + j]);
                 assert_eq!(s.to_bits(), f.to_bits(), "({i}, {j}): {s} vs {f}");
                 assert_eq!(s.to_bits(), sym[j * ldc + i].to_bits(), "symmetric");
             }
