@@ -9,7 +9,7 @@
 //!    SGD, and each ratio divided by its FLOP ratio.
 //!
 //! ```text
-//! cargo run --release -p kron-benches --example step_table [-- --reps 15 --rounds 3 --skip-kfac --detail --only convnet]
+//! cargo run --release -p kron-benches --example step_table [-- --reps 15 --rounds 3 --skip-kfac --detail --only convnet|pieces]
 //! ```
 
 use kron::autodiff::Rng;
@@ -48,7 +48,7 @@ fn parse_args() -> Args {
             "--detail" => args.detail = true,
             "--only" => args.only = it.next(),
             other => panic!(
-                "unknown argument {other} (expected --reps N, --rounds N, --skip-kfac, --detail, --only sgemm|autoencoder|convnet|kfac)"
+                "unknown argument {other} (expected --reps N, --rounds N, --skip-kfac, --detail, --only sgemm|autoencoder|convnet|pieces|kfac)"
             ),
         }
     }
@@ -142,8 +142,8 @@ fn step_vs_gemms(w: &Workload, reps: usize, detail: bool) -> (f64, f64) {
 }
 
 /// Forward and backward times of the conv net's pieces, each op alone on a tape (its backward
-/// from `sum()`, whose own backward is one fill), and im2col / col2im alone.
-fn conv_pieces() {
+/// from `sum()`, whose own backward is one fill), and im2col / col2im alone; medians of `reps`.
+fn conv_pieces(reps: usize) {
     use kron::autodiff::ops::conv::{col2im, im2col};
     use kron::autodiff::{ConvGeom, Tape, Tensor, Var};
     let mut rng = Rng::new(9);
@@ -151,7 +151,7 @@ fn conv_pieces() {
     let mut shape = [batch, 3, 32, 32];
     let piece = |name: &str, x: &Tensor, needs_grad: bool, f: &dyn Fn(Var<'_>) -> Var<'_>| {
         let (mut fwd, mut bwd) = (Samples::default(), Samples::default());
-        for _ in 0..4 {
+        for _ in 0..reps {
             let tape = Tape::without_params();
             let xv = if needs_grad {
                 tape.var(x.clone())
@@ -176,11 +176,11 @@ fn conv_pieces() {
         let geom = ConvGeom::new(&shape, w.shape(), 1, 2);
         let mut t = Samples::default();
         let mut patches = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..reps {
             t.push(time(|| patches = im2col(x.data(), &geom)).0);
         }
         let mut t2 = Samples::default();
-        for _ in 0..4 {
+        for _ in 0..reps {
             t2.push(time(|| std::hint::black_box(col2im(&patches, &geom))).0);
         }
         println!(
@@ -203,6 +203,8 @@ fn conv_pieces() {
         piece(&format!("conv{} relu", i + 1), &y, true, &|v: Var<'_>| {
             v.relu()
         });
+        // The pool sees the ReLU's output, ties at zero included, as in the net.
+        let y = y.map(|v| v.max(0.0));
         piece(&format!("conv{} max_pool2d", i + 1), &y, true, &|v: Var<
             '_,
         >| {
@@ -421,9 +423,9 @@ fn main() {
     }
     if runs("convnet") {
         step_vs_gemms(&Workload::convnet(128, 3), args.reps, args.detail);
-        if args.detail {
-            conv_pieces();
-        }
+    }
+    if (runs("convnet") && args.detail) || args.only.as_deref() == Some("pieces") {
+        conv_pieces(args.reps);
     }
     if args.kfac && runs("kfac") {
         kfac_table(args.rounds);

@@ -622,6 +622,61 @@ fn conv2d_gradients_and_values() {
     }
 }
 
+/// `conv2d_relu` is `conv2d` then `relu`, bit for bit: the value, every gradient, the capture
+/// (the pre-activation's gradient) and the tangent. (Both halves are checked against finite
+/// differences above; the fused op's kinks make its own check a matter of luck.)
+#[test]
+fn conv2d_relu_is_conv2d_then_relu_bit_for_bit() {
+    for (k, c) in CONV_CASES.iter().enumerate() {
+        let seed = 700 + 10 * k as u64;
+        let mut store = ParamStore::new();
+        let layer = store.add_layer("conv");
+        let w = store.add("w", randn(&c.w, seed + 1).scale(0.5));
+        let b = c.bias.then(|| store.add("b", randn(&[c.w[0]], seed + 2)));
+        let x = randn(&c.x, seed);
+        let mut dir = vec![Some(randn(&c.w, seed + 3))];
+        dir.extend(b.map(|_| Some(randn(&[c.w[0]], seed + 4))));
+        let (s, p) = (c.stride, c.padding);
+        let run = |fused: bool| {
+            let tape = Tape::new(&store).capturing([layer]);
+            let (xv, wv) = (tape.var(x.clone()), tape.param(w));
+            let bv = b.map(|b| tape.param(b));
+            let y = if fused {
+                xv.conv2d_relu(wv, bv, s, p, Some(layer))
+            } else {
+                xv.conv2d(wv, bv, s, p, Some(layer)).relu()
+            };
+            let r = randn(&y.shape(), seed + 5);
+            let grads = tape.backward(y.mul(tape.input(r)).sum());
+            let cap = grads.capture(layer).expect("a capture").clone();
+            let mut out = vec![y.value(), grads.wrt(xv).unwrap().clone()];
+            out.extend(store.ids().map(|id| grads.get(id).unwrap().clone()));
+            out.extend([cap.a, cap.g, tape.jvp(y, &dir)]);
+            out
+        };
+        let (fused, plain) = (run(true), run(false));
+        // Some outputs are clipped and some are not, so the mask matters.
+        let y = &fused[0];
+        assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
+        let names = [
+            "value",
+            "x grad",
+            "w grad",
+            "b grad",
+            "capture a",
+            "capture g",
+        ];
+        let names = names.iter().filter(|n| c.bias || **n != "b grad");
+        for ((name, f), u) in names.chain(&["tangent"]).zip(&fused).zip(&plain) {
+            let what = format!(
+                "conv2d_relu x{:?} w{:?} stride {s} padding {p}: {name}",
+                c.x, c.w
+            );
+            assert_bits_eq(&what, f, u);
+        }
+    }
+}
+
 /// Reference pooling: max over the window clipped to the image, or the window's sum over `k^2`.
 fn pool_ref(x: &Tensor, k: usize, stride: usize, padding: usize, max: bool) -> Tensor {
     let (n, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));

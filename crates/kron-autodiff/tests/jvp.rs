@@ -138,6 +138,11 @@ fn layer_tangents_are_adjoint_to_the_reverse_rules() {
             &[&[2, 3, 6, 5], &[4, 3, 3, 3], &[4]],
             move |_, v| v[0].conv2d(v[1], Some(v[2]), stride, padding, None),
         );
+        adjoint(
+            &format!("conv2d_relu stride {stride} padding {padding}"),
+            &[&[2, 3, 6, 5], &[4, 3, 3, 3], &[4]],
+            move |_, v| v[0].conv2d_relu(v[1], Some(v[2]), stride, padding, None),
+        );
     }
     adjoint("max_pool2d", &[&[2, 3, 7, 6]], |_, v| {
         v[0].max_pool2d(3, 2, 1)

@@ -1,6 +1,6 @@
 //! The 2-D convolution layer.
 
-use kron_autodiff::{LayerId, ParamId, ParamStore, Rng, Tensor, Var};
+use kron_autodiff::{LayerId, ParamId, ParamStore, Rng, Tensor, Unary, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
@@ -144,6 +144,23 @@ impl Module for Conv2d {
         let w = tape.param(self.block.weight);
         let b = self.block.bias.map(|b| tape.param(b));
         x.conv2d(w, b, stride, padding, Some(self.block.layer))
+    }
+
+    /// Fuses a ReLU ([`Var::conv2d_relu`]).
+    fn forward_then<'t>(&self, x: Var<'t>, act: Unary) -> Option<Var<'t>> {
+        let BlockKind::Conv2d {
+            stride, padding, ..
+        } = self.block.kind
+        else {
+            unreachable!("a Conv2d layer always has a conv block")
+        };
+        if act != Unary::Relu {
+            return None;
+        }
+        let tape = x.tape();
+        let w = tape.param(self.block.weight);
+        let b = self.block.bias.map(|b| tape.param(b));
+        Some(x.conv2d_relu(w, b, stride, padding, Some(self.block.layer)))
     }
 
     fn visit_params(&self, f: &mut dyn FnMut(ParamId)) {

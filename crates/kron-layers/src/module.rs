@@ -1,6 +1,6 @@
 //! The `Module` trait and the Fisher-block metadata that parameterized layers report.
 
-use kron_autodiff::{LayerId, ParamId, ParamStore, Tensor, Var};
+use kron_autodiff::{LayerId, ParamId, ParamStore, Tensor, Unary, Var};
 use serde::{Deserialize, Serialize};
 
 /// The structure of one layer's Fisher block: what the optimizer needs to size and apply its
@@ -157,6 +157,22 @@ pub trait Module: Send + Sync {
     /// Calls `f` with the Fisher block of every parameterized layer, in a fixed order.
     fn visit_blocks(&self, f: &mut dyn FnMut(&FisherBlock));
 
+    /// The pointwise function this module is, if it is nothing more (an
+    /// [`Activation`](crate::Activation)). A [`Sequential`](crate::Sequential) offers it to the
+    /// module before it through [`forward_then`](Module::forward_then).
+    fn pointwise(&self) -> Option<Unary> {
+        None
+    }
+
+    /// [`forward`](Module::forward) followed by the pointwise `act`, recorded as one fused op,
+    /// where this module can fuse them: the same values, gradients and captures, bit for bit,
+    /// as `act` applied after `forward`. `None` (and nothing recorded) where it cannot; the
+    /// default never fuses. [`Conv2d`](crate::Conv2d) fuses a ReLU.
+    fn forward_then<'t>(&self, x: Var<'t>, act: Unary) -> Option<Var<'t>> {
+        let _ = (x, act);
+        None
+    }
+
     /// Every parameter id of this module.
     fn param_ids(&self) -> Vec<ParamId> {
         let mut out = Vec::new();
@@ -188,5 +204,11 @@ impl<M: Module + ?Sized> Module for Box<M> {
     }
     fn visit_blocks(&self, f: &mut dyn FnMut(&FisherBlock)) {
         (**self).visit_blocks(f)
+    }
+    fn pointwise(&self) -> Option<Unary> {
+        (**self).pointwise()
+    }
+    fn forward_then<'t>(&self, x: Var<'t>, act: Unary) -> Option<Var<'t>> {
+        (**self).forward_then(x, act)
     }
 }

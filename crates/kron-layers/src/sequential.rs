@@ -54,8 +54,24 @@ impl Sequential {
 }
 
 impl Module for Sequential {
+    /// Each module in turn, except that a module followed by a pointwise one (an
+    /// [`Activation`](crate::Activation)) is offered to fuse it
+    /// ([`Module::forward_then`]); the result is the same, bit for bit, either way.
     fn forward<'t>(&self, x: Var<'t>) -> Var<'t> {
-        self.layers.iter().fold(x, |h, m| m.forward(h))
+        let mut h = x;
+        let mut i = 0;
+        while let Some(m) = self.layers.get(i) {
+            let fused = self
+                .layers
+                .get(i + 1)
+                .and_then(|next| next.pointwise())
+                .and_then(|act| m.forward_then(h, act));
+            match fused {
+                Some(y) => (h, i) = (y, i + 2),
+                None => (h, i) = (m.forward(h), i + 1),
+            }
+        }
+        h
     }
 
     fn visit_params(&self, f: &mut dyn FnMut(ParamId)) {

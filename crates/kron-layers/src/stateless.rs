@@ -29,16 +29,26 @@ pub enum Activation {
     Gelu,
 }
 
-impl Module for Activation {
-    fn forward<'t>(&self, x: Var<'t>) -> Var<'t> {
-        x.unary(match *self {
+impl Activation {
+    /// The tape's pointwise function for this activation.
+    pub fn unary(self) -> Unary {
+        match self {
             Activation::Relu => Unary::Relu,
             Activation::LeakyRelu(s) => Unary::LeakyRelu(s),
             Activation::Tanh => Unary::Tanh,
             Activation::Sigmoid => Unary::Sigmoid,
             Activation::Softplus => Unary::Softplus,
             Activation::Gelu => Unary::Gelu,
-        })
+        }
+    }
+}
+
+impl Module for Activation {
+    fn forward<'t>(&self, x: Var<'t>) -> Var<'t> {
+        x.unary(self.unary())
+    }
+    fn pointwise(&self) -> Option<Unary> {
+        Some(self.unary())
     }
     no_params!();
 }

@@ -180,3 +180,56 @@ fn weights_round_trip_and_mismatches_are_refused() {
     );
     assert_eq!(wide, before);
 }
+
+/// A `Sequential` fuses each conv and the ReLU after it into one op (fewer tape nodes), with
+/// the same loss, gradients and captures, bit for bit, as the modules applied one by one.
+#[test]
+fn sequential_fuses_conv_and_relu_with_the_same_bits() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(6);
+    let conv1 = Conv2dConfig::new(2, 4, 3)
+        .with_padding(1)
+        .build(&mut store, "c1", &mut rng);
+    let conv2 = Conv2dConfig::new(4, 3, 3)
+        .with_stride(2)
+        .build(&mut store, "c2", &mut rng);
+    let layers: Vec<Box<dyn Module>> = vec![
+        Box::new(conv1),
+        Box::new(Activation::Relu),
+        Box::new(MaxPool2d::new(2, 1, 0)),
+        Box::new(conv2),
+        Box::new(Activation::Relu),
+        Box::new(Flatten),
+        Box::new(Dense::new(&mut store, "head", 12, 3, &mut rng)),
+        Box::new(Activation::Relu),
+    ];
+    let mut net = Sequential::new();
+    let x = Tensor::randn(&[3, 2, 7, 7], 0.0, 1.0, &mut rng);
+    let blocks: Vec<_> = layers.iter().flat_map(|m| m.fisher_blocks()).collect();
+    let layer_ids = blocks.iter().map(|b| b.layer).collect::<Vec<_>>();
+    let run = |forward: &dyn Fn(kron_autodiff::Var<'_>) -> kron_autodiff::Var<'_>| {
+        let tape = Tape::new(&store).capturing(layer_ids.iter().copied());
+        let loss = forward(tape.input(x.clone())).cross_entropy(&[0, 2, 1]);
+        let grads = tape.backward(loss);
+        let mut out = vec![loss.value()];
+        out.extend(store.ids().map(|id| grads.get(id).unwrap().clone()));
+        for l in &layer_ids {
+            let c = grads.capture(*l).unwrap();
+            out.extend([c.a.clone(), c.g.clone()]);
+        }
+        (tape.len(), out)
+    };
+    let (plain_nodes, plain) = run(&|h| layers.iter().fold(h, |h, m| m.forward(h)));
+    for m in layers {
+        net.push_boxed(m);
+    }
+    let (fused_nodes, fused) = run(&|h| net.forward(h));
+    // Two convs fuse their ReLUs; the dense layer's ReLU stays an op of its own.
+    assert_eq!(fused_nodes + 2, plain_nodes);
+    assert_eq!(fused.len(), plain.len());
+    for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+        assert_eq!(f.shape(), p.shape(), "output {i}");
+        let bits = |t: &Tensor| t.data().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(f), bits(p), "output {i} differs");
+    }
+}

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{GradSink, Op};
+use super::{GradSink, Op, Unary};
 use crate::alloc::{recycle, scratch, zeroed};
 use crate::capture::LayerCapture;
 use crate::gemm::gemm;
@@ -246,6 +246,39 @@ impl<'t> Var<'t> {
         padding: usize,
         layer: Option<LayerId>,
     ) -> Var<'t> {
+        self.conv2d_op(w, b, stride, padding, layer, false)
+    }
+
+    /// `conv2d(..).relu()` as one op, with the same values and gradients bit for bit: the ReLU
+    /// is applied in the pass that lays the GEMM's rows out as NCHW, and its mask in the
+    /// backward pass that lays the gradient back out as rows, so neither the pre-activation
+    /// nor its gradient is ever stored. A capture site captures the gradient with respect to
+    /// the pre-activation, as it would without the ReLU.
+    ///
+    /// # Panics
+    /// If the shapes do not fit, naming them.
+    #[track_caller]
+    pub fn conv2d_relu(
+        self,
+        w: Var<'t>,
+        b: Option<Var<'t>>,
+        stride: usize,
+        padding: usize,
+        layer: Option<LayerId>,
+    ) -> Var<'t> {
+        self.conv2d_op(w, b, stride, padding, layer, true)
+    }
+
+    #[track_caller]
+    fn conv2d_op(
+        self,
+        w: Var<'t>,
+        b: Option<Var<'t>>,
+        stride: usize,
+        padding: usize,
+        layer: Option<LayerId>,
+        relu: bool,
+    ) -> Var<'t> {
         let tape = self.tape;
         let (value, patches, geom) = {
             let xv = tape.value_of(self.id);
@@ -261,7 +294,7 @@ impl<'t> Var<'t> {
                     wv.shape()
                 );
             }
-            forward(&xv, &wv, &geom, bias.as_ref().map(Tensor::data))
+            forward(&xv, &wv, &geom, bias.as_ref().map(Tensor::data), relu)
         };
         let mut parents = vec![self.id, w.id];
         parents.extend(b.map(|b| b.id));
@@ -273,11 +306,19 @@ impl<'t> Var<'t> {
                 geom,
                 patches,
                 layer,
+                relu,
             },
             value,
             &parents,
         )
     }
+}
+
+/// The gradient `g` through a ReLU whose output is `y`: the reverse and tangent rule of
+/// [`Unary::Relu`], computed as they compute it (`y > 0` exactly where the input is).
+#[inline(always)]
+pub(super) fn relu_grad(g: f32, y: f32) -> f32 {
+    g * Unary::Relu.derivative(y, y)
 }
 
 /// The convolution of `x` with `w` (and `bias`) in the geometry `geom`: the NCHW output and the
@@ -291,6 +332,7 @@ fn forward(
     w: &Tensor,
     geom: &ConvGeom,
     bias: Option<&[f32]>,
+    relu: bool,
 ) -> (Tensor, Tensor, ConvGeom) {
     let geom = *geom;
     let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
@@ -310,7 +352,7 @@ fn forward(
         im2col_into(&x.data()[n0 * img..(n0 + nb) * img], &geom, pb);
         let sb = &mut s[..rows * oc];
         gemm(rows, k, oc, 1.0, pb, false, w.data(), true, 0.0, sb);
-        rows_to_nchw(sb, &geom, bias, ob);
+        rows_to_nchw(sb, &geom, bias, relu, ob);
     }
     recycle(s);
     (
@@ -322,18 +364,35 @@ fn forward(
 
 /// The convolution of a tangent `x` with `w` (no bias) in the geometry `geom`, NCHW.
 pub(super) fn conv2d_values(x: &Tensor, w: &Tensor, geom: &ConvGeom) -> Tensor {
-    forward(x, w, geom, None).0
+    forward(x, w, geom, None, false).0
 }
 
 /// `(N*T) x out` rows to an NCHW tensor, adding `bias`.
 pub(super) fn rows_to_nchw_tensor(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>) -> Tensor {
     let mut out = scratch(geom.batch * geom.out_ch * geom.locations());
-    rows_to_nchw(s, geom, bias, &mut out);
+    rows_to_nchw(s, geom, bias, false, &mut out);
     Tensor::from_vec(out, &[geom.batch, geom.out_ch, geom.h_out, geom.w_out])
 }
 
-/// `(N*T) x out` rows of whole images to NCHW in `out`, adding the bias.
-fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, out: &mut [f32]) {
+/// `(N*T) x out` rows of whole images to NCHW in `out`, adding the bias and then applying the
+/// ReLU if `relu`.
+fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, relu: bool, out: &mut [f32]) {
+    if relu {
+        rows_to_nchw_with(s, geom, bias, out, |v| Unary::Relu.eval(v));
+    } else {
+        rows_to_nchw_with(s, geom, bias, out, |v| v);
+    }
+}
+
+/// [`rows_to_nchw`] with `f` applied to each biased value.
+#[inline(always)]
+fn rows_to_nchw_with(
+    s: &[f32],
+    geom: &ConvGeom,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    f: impl Fn(f32) -> f32 + Sync,
+) {
     let (t_len, oc) = (geom.locations(), geom.out_ch);
     out.par_chunks_mut((oc * t_len).max(1))
         .zip(s.par_chunks((t_len * oc).max(1)))
@@ -344,7 +403,7 @@ fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, out: &mut [f32
                 for o in 0..oc {
                     let b = bias.map_or(0.0, |b| b[o]);
                     for (t, d) in (t0..t1).zip(&mut dst[o * t_len + t0..o * t_len + t1]) {
-                        *d = src[t * oc + o] + b;
+                        *d = f(src[t * oc + o] + b);
                     }
                 }
             }
@@ -354,17 +413,27 @@ fn rows_to_nchw(s: &[f32], geom: &ConvGeom, bias: Option<&[f32]>, out: &mut [f32
 /// Locations per tile of the NCHW <-> rows transposes.
 const TRANSPOSE_TILE: usize = 64;
 
-/// The sum of each channel of an NCHW gradient: the bias gradient. Each channel sums its
-/// elements in `(n, t)` order, as the column sums of the `(N*T) x out` rows would, reading them
-/// contiguously; channels split across threads (each sum in one thread, so the bits do not
-/// depend on the split).
-fn channel_sums(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
+/// The sum of each channel of an NCHW gradient: the bias gradient (through the ReLU whose
+/// output is `after`, if any). Each channel sums its elements in `(n, t)` order, as the column
+/// sums of the `(N*T) x out` rows would, reading them contiguously; channels split across
+/// threads (each sum in one thread, so the bits do not depend on the split).
+fn channel_sums(g: &[f32], after: Option<&[f32]>, geom: &ConvGeom) -> Vec<f32> {
     let (t_len, oc) = (geom.locations(), geom.out_ch);
     let sum = |o: usize| {
         let mut acc = 0.0f32;
         for n in 0..geom.batch {
-            for v in &g[(n * oc + o) * t_len..][..t_len] {
-                acc += v;
+            let at = (n * oc + o) * t_len;
+            match after {
+                Some(y) => {
+                    for (v, &y) in g[at..at + t_len].iter().zip(&y[at..at + t_len]) {
+                        acc += relu_grad(*v, y);
+                    }
+                }
+                None => {
+                    for v in &g[at..at + t_len] {
+                        acc += v;
+                    }
+                }
             }
         }
         acc
@@ -376,24 +445,42 @@ fn channel_sums(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
     }
 }
 
-/// NCHW gradient to `(N*T) x out` rows.
-fn nchw_to_rows(g: &[f32], geom: &ConvGeom) -> Vec<f32> {
+/// NCHW gradient to `(N*T) x out` rows (through the ReLU whose output is `after`, if any).
+fn nchw_to_rows(g: &[f32], after: Option<&[f32]>, geom: &ConvGeom) -> Vec<f32> {
+    let mut out = scratch(g.len());
+    match after {
+        Some(y) => nchw_to_rows_with(g, y, geom, &mut out, relu_grad),
+        // `g` stands in for the unread second input.
+        None => nchw_to_rows_with(g, g, geom, &mut out, |v, _| v),
+    }
+    out
+}
+
+/// [`nchw_to_rows`] of `f(g, y)`, with `y` laid out as `g`.
+#[inline(always)]
+fn nchw_to_rows_with(
+    g: &[f32],
+    y: &[f32],
+    geom: &ConvGeom,
+    out: &mut [f32],
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) {
     let (t_len, oc) = (geom.locations(), geom.out_ch);
-    let mut out = scratch(geom.batch * oc * t_len);
-    out.par_chunks_mut((oc * t_len).max(1))
+    let img = oc * t_len;
+    out.par_chunks_mut(img.max(1))
         .enumerate()
         .for_each(|(n, dst)| {
-            let src = &g[n * oc * t_len..(n + 1) * oc * t_len];
+            let (src, ys) = (&g[n * img..(n + 1) * img], &y[n * img..(n + 1) * img]);
             for t0 in (0..t_len).step_by(TRANSPOSE_TILE) {
                 let t1 = (t0 + TRANSPOSE_TILE).min(t_len);
                 for o in 0..oc {
-                    for (t, s) in (t0..t1).zip(&src[o * t_len + t0..o * t_len + t1]) {
-                        dst[t * oc + o] = *s;
+                    let run = o * t_len + t0..o * t_len + t1;
+                    for (t, (s, y)) in (t0..t1).zip(src[run.clone()].iter().zip(&ys[run])) {
+                        dst[t * oc + o] = f(*s, *y);
                     }
                 }
             }
         });
-    out
 }
 
 /// Elements (2 MiB) of patches, or of their gradient, that the forward and backward passes
@@ -411,12 +498,14 @@ pub(super) fn conv2d_backward(
     geom: &ConvGeom,
     patches: &Tensor,
     layer: Option<LayerId>,
+    after: Option<&Tensor>,
     g: &Tensor,
     sink: &mut GradSink<'_>,
     capture: &HashSet<LayerId>,
 ) -> Option<LayerCapture> {
     let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
-    let g_rows = nchw_to_rows(g.data(), geom);
+    let after = after.map(Tensor::data);
+    let g_rows = nchw_to_rows(g.data(), after, geom);
     if sink.needs(w) {
         let mut gw = vec![0.0f32; oc * k];
         gemm(
@@ -437,7 +526,10 @@ pub(super) fn conv2d_backward(
     if let Some(b) = b
         && sink.needs(b)
     {
-        sink.add(b, Tensor::from_vec(channel_sums(g.data(), geom), &[oc]));
+        sink.add(
+            b,
+            Tensor::from_vec(channel_sums(g.data(), after, geom), &[oc]),
+        );
     }
     if sink.needs(x) {
         // The patch gradient `g W`, a few images at a time, each block folded back into the
@@ -593,9 +685,9 @@ mod tests {
             &mut rows,
         );
         let mut expect = vec![0.0f32; nt * oc];
-        rows_to_nchw(&rows, &geom, None, &mut expect);
+        rows_to_nchw(&rows, &geom, None, false, &mut expect);
         assert_eq!(y.value().data(), &expect[..]);
-        let g_rows = nchw_to_rows(r.data(), &geom);
+        let g_rows = nchw_to_rows(r.data(), None, &geom);
         let mut dp = vec![0.0f32; nt * k];
         gemm(
             nt,

@@ -269,6 +269,7 @@ fn tangent(
             b,
             geom,
             patches,
+            relu,
             ..
         } => {
             let (nt, oc) = (geom.batch * geom.locations(), geom.out_ch);
@@ -292,6 +293,12 @@ fn tangent(
                             *v += tb.data()[o];
                         }
                     }
+                }
+            }
+            if *relu && let Some(s) = &mut s {
+                // The ReLU's tangent rule, as `unary_jvp` applies it (see `relu_grad`).
+                for (t, &y) in s.data_mut().iter_mut().zip(out.data()) {
+                    *t = super::conv::relu_grad(*t, y);
                 }
             }
             s

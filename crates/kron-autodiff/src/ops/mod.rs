@@ -70,6 +70,8 @@ pub(crate) enum Op {
         geom: ConvGeom,
         patches: Tensor,
         layer: Option<LayerId>,
+        /// Whether a ReLU follows in the same op (the value is after it).
+        relu: bool,
     },
     MaxPool2d {
         x: usize,
@@ -172,8 +174,12 @@ pub(crate) fn backward(
             geom,
             patches,
             layer,
+            relu,
         } => {
-            return conv::conv2d_backward(*x, *w, *b, geom, patches, *layer, g, sink, capture);
+            let after = relu.then_some(out);
+            return conv::conv2d_backward(
+                *x, *w, *b, geom, patches, *layer, after, g, sink, capture,
+            );
         }
         Op::MaxPool2d { x, geom, arg } => pool::max_pool_backward(*x, geom, arg, g, sink),
         Op::AvgPool2d { x, geom } => pool::avg_pool_backward(*x, geom, g, sink),

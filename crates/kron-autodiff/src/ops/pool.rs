@@ -85,53 +85,12 @@ impl<'t> Var<'t> {
         // Every output element and its argmax is written.
         let mut out = crate::alloc::scratch(geom.planes * po);
         let mut arg = crate::alloc::Indices::scratch(geom.planes * po);
-        let col_spans: Vec<_> = (0..geom.w_out).map(|ow| geom.span(ow, geom.w_in)).collect();
-        // Separably: the first maximum of each window's columns in every input row, then the
-        // first maximum of those down the window's rows. That is the first maximum (or first
-        // NaN) of the window in row-major order, as a single scan would find it. The second
-        // pass runs across output columns, one window row at a time, so that the comparisons of
-        // neighbouring windows are independent (and vectorize).
         out.par_chunks_mut(po.max(1))
             .zip(arg.par_chunks_mut(po.max(1)))
             .zip(xv.data().par_chunks(pi.max(1)))
             .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(hv, ha): &mut (Vec<f32>, Vec<u32>), ((o, a), src)| {
-                    hv.resize(geom.h_in * geom.w_out, 0.0);
-                    ha.resize(geom.h_in * geom.w_out, 0);
-                    for ih in 0..geom.h_in {
-                        let line = &src[ih * geom.w_in..(ih + 1) * geom.w_in];
-                        let (hvr, har) = (
-                            &mut hv[ih * geom.w_out..(ih + 1) * geom.w_out],
-                            &mut ha[ih * geom.w_out..(ih + 1) * geom.w_out],
-                        );
-                        for ((v_out, a_out), cols) in hvr.iter_mut().zip(har).zip(&col_spans) {
-                            let (best, at) = first_max(cols.clone().map(|iw| (line[iw], iw)));
-                            *v_out = best;
-                            *a_out = (ih * geom.w_in + at) as u32;
-                        }
-                    }
-                    for (oh, (o_row, a_row)) in o
-                        .chunks_exact_mut(geom.w_out.max(1))
-                        .zip(a.chunks_exact_mut(geom.w_out.max(1)))
-                        .enumerate()
-                    {
-                        let rows = geom.span(oh, geom.h_in);
-                        o_row.copy_from_slice(&hv[rows.start * geom.w_out..][..geom.w_out]);
-                        a_row.copy_from_slice(&ha[rows.start * geom.w_out..][..geom.w_out]);
-                        for ih in rows.start + 1..rows.end {
-                            let (hvr, har) = (
-                                &hv[ih * geom.w_out..(ih + 1) * geom.w_out],
-                                &ha[ih * geom.w_out..(ih + 1) * geom.w_out],
-                            );
-                            for (((b, at), &v), &tag) in
-                                o_row.iter_mut().zip(a_row.iter_mut()).zip(hvr).zip(har)
-                            {
-                                (*b, *at) = keep_first_max(*b, *at, v, tag);
-                            }
-                        }
-                    }
-                },
+                || MaxPoolPlane::new(&geom),
+                |plane, ((o, a), src)| plane.pool(src, o, a),
             );
         let mut shape = xv.shape().to_vec();
         shape[2] = geom.h_out;
@@ -183,17 +142,6 @@ impl<'t> Var<'t> {
     }
 }
 
-/// The first largest value of a non-empty sequence and its tag; a NaN counts as larger than
-/// any number (so the first NaN wins). Selects rather than branches.
-#[inline(always)]
-fn first_max<T: Copy>(mut items: impl Iterator<Item = (f32, T)>) -> (f32, T) {
-    let (mut best, mut at) = items.next().expect("a pooling window is never empty");
-    for (v, tag) in items {
-        (best, at) = keep_first_max(best, at, v, tag);
-    }
-    (best, at)
-}
-
 /// The running first maximum `(best, at)` after seeing `v` (tagged `tag`) next: `v` takes over
 /// when larger, or when it is the first NaN.
 #[inline(always)]
@@ -201,6 +149,132 @@ fn keep_first_max<T: Copy>(best: f32, at: T, v: f32, tag: T) -> (f32, T) {
     let take = (v > best) | (v.is_nan() & !best.is_nan());
     // On the bits: an integer select compiles to a conditional move, a float one to a branch
     // that the data mispredicts.
+    (
+        f32::from_bits(select_unpredictable(take, v.to_bits(), best.to_bits())),
+        select_unpredictable(take, tag, at),
+    )
+}
+
+/// One thread's working buffers for max pooling a plane, separably: down the windows' rows
+/// first, then across their columns.
+///
+/// The first pass keeps, for each output row and input column, the first maximum (or first
+/// NaN) of the window's rows and its row-major index; it runs over whole input rows, so
+/// neighbouring columns are independent and the comparisons vectorize. Its rows are then laid
+/// out by stride phase: padded column `q = iw + padding` of output row `oh` goes to phase
+/// `q % stride`, position `oh * len + q / stride`. The `j`-th column of every window of the
+/// plane then lies in one contiguous run (phase `j % stride`, from `j / stride`), one position
+/// per window plus `len - w_out` spare ones per row, so the second pass is a few long
+/// elementwise loops that vectorize too. Padding columns hold `-inf` tagged `u32::MAX`, which
+/// never wins. The second pass breaks ties by the smaller row-major index, so the two together
+/// find the first maximum (or first NaN) of each window in row-major order, as a single scan
+/// would.
+struct MaxPoolPlane {
+    geom: PoolGeom,
+    /// Column maxima of each output row's window rows and their indices, `h_out x w_in`.
+    down: (Vec<f32>, Vec<u32>),
+    /// The same by phase: `stride` runs of `phase_len`.
+    phases: (Vec<f32>, Vec<u32>),
+    /// Positions per output row in a phase.
+    len: usize,
+    /// Positions per phase: `h_out * len` and room for the last row's windows to read past it.
+    phase_len: usize,
+    /// Window maxima with `len` positions a row (the first `w_out` of each are the output).
+    wide: (Vec<f32>, Vec<u32>),
+}
+
+impl MaxPoolPlane {
+    fn new(geom: &PoolGeom) -> Self {
+        let len = (geom.w_in + 2 * geom.padding).div_ceil(geom.stride);
+        let phase_len = geom.h_out * len + (geom.k - 1) / geom.stride + 1;
+        let n = geom.stride * phase_len;
+        MaxPoolPlane {
+            geom: *geom,
+            down: (
+                vec![0.0; geom.h_out * geom.w_in],
+                vec![0; geom.h_out * geom.w_in],
+            ),
+            phases: (vec![f32::NEG_INFINITY; n], vec![u32::MAX; n]),
+            len,
+            phase_len,
+            wide: (vec![0.0; geom.h_out * len], vec![0; geom.h_out * len]),
+        }
+    }
+
+    /// Pools plane `src` into `out` and its argmax into `arg`.
+    fn pool(&mut self, src: &[f32], out: &mut [f32], arg: &mut [u32]) {
+        let g = self.geom;
+        let (w_in, w_out, stride, len) = (g.w_in, g.w_out, g.stride, self.len);
+        let (dv, da) = (&mut self.down.0, &mut self.down.1);
+        let (pv, pa) = (&mut self.phases.0, &mut self.phases.1);
+        for (oh, (dvr, dar)) in dv
+            .chunks_exact_mut(w_in)
+            .zip(da.chunks_exact_mut(w_in))
+            .enumerate()
+        {
+            let rows = g.span(oh, g.h_in);
+            let first = rows.start * w_in;
+            dvr.copy_from_slice(&src[first..first + w_in]);
+            for (iw, t) in dar.iter_mut().enumerate() {
+                *t = (first + iw) as u32;
+            }
+            for ih in rows.start + 1..rows.end {
+                let line = &src[ih * w_in..(ih + 1) * w_in];
+                let base = (ih * w_in) as u32;
+                for (iw, ((b, at), &v)) in dvr.iter_mut().zip(dar.iter_mut()).zip(line).enumerate()
+                {
+                    (*b, *at) = keep_first_max(*b, *at, v, base + iw as u32);
+                }
+            }
+            for r in 0..stride {
+                // The first padded column of phase `r` that is an input column, and its input
+                // column; the phase's input columns follow `stride` apart.
+                let q0 = g.padding + (r + stride - g.padding % stride) % stride;
+                let Some(iw0) = q0.checked_sub(g.padding).filter(|&iw| iw < w_in) else {
+                    continue;
+                };
+                let at = r * self.phase_len + oh * len + q0 / stride;
+                let columns = dvr[iw0..]
+                    .iter()
+                    .step_by(stride)
+                    .zip(dar[iw0..].iter().step_by(stride));
+                for ((d_v, d_a), (&v, &t)) in pv[at..].iter_mut().zip(&mut pa[at..]).zip(columns) {
+                    (*d_v, *d_a) = (v, t);
+                }
+            }
+        }
+        let (wv, wa) = (&mut self.wide.0, &mut self.wide.1);
+        for j in 0..g.k {
+            let from = (j % stride) * self.phase_len + j / stride;
+            let (cv, ca) = (&pv[from..from + wv.len()], &pa[from..from + wa.len()]);
+            if j == 0 {
+                wv.copy_from_slice(cv);
+                wa.copy_from_slice(ca);
+                continue;
+            }
+            for (((b, at), &v), &t) in wv.iter_mut().zip(wa.iter_mut()).zip(cv).zip(ca) {
+                (*b, *at) = keep_earliest_max(*b, *at, v, t);
+            }
+        }
+        for ((o_row, a_row), (wvr, war)) in out
+            .chunks_exact_mut(w_out.max(1))
+            .zip(arg.chunks_exact_mut(w_out.max(1)))
+            .zip(wv.chunks_exact(len).zip(wa.chunks_exact(len)))
+        {
+            o_row.copy_from_slice(&wvr[..w_out]);
+            a_row.copy_from_slice(&war[..w_out]);
+        }
+    }
+}
+
+/// The running maximum `(best, at)` of candidates seen in any order after seeing `v` (at
+/// row-major index `tag`): `v` takes over when larger, when equal and earlier, when it is a NaN
+/// and `best` is not, or when both are NaNs and it is earlier. Among the candidates it keeps the
+/// first maximum (or first NaN) in row-major order.
+#[inline(always)]
+fn keep_earliest_max(best: f32, at: u32, v: f32, tag: u32) -> (f32, u32) {
+    let earlier = tag < at;
+    let take = (v > best) | ((v == best) & earlier) | (v.is_nan() & (!best.is_nan() | earlier));
     (
         f32::from_bits(select_unpredictable(take, v.to_bits(), best.to_bits())),
         select_unpredictable(take, tag, at),
@@ -292,7 +366,17 @@ mod tests {
             })
             .collect();
         let x = Tensor::from_vec(x, &[2, 3, 7, 8]);
-        for (k, stride, padding) in [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 1), (4, 3, 2)] {
+        for (k, stride, padding) in [
+            (2, 2, 0),
+            (3, 2, 1),
+            (3, 1, 1),
+            (2, 1, 1),
+            (4, 3, 2),
+            (5, 3, 2),
+            (1, 1, 0),
+            (3, 4, 1),
+            (7, 1, 3),
+        ] {
             let g = PoolGeom::new("max_pool2d", x.shape(), k, stride, padding);
             let (out, arg) = reference(x.data(), &g);
             let tape = Tape::without_params();
