@@ -400,10 +400,30 @@ fn rows_to_nchw_with(
             // A few locations at a time, so that the rows read stay in L1 across channels.
             for t0 in (0..t_len).step_by(TRANSPOSE_TILE) {
                 let t1 = (t0 + TRANSPOSE_TILE).min(t_len);
+                // 4 x 4 blocks: four rows of four channels read, four runs of four locations
+                // written.
+                let (t4, o4) = (t0 + (t1 - t0) / 4 * 4, oc / 4 * 4);
+                for t in (t0..t4).step_by(4) {
+                    for o in (0..o4).step_by(4) {
+                        let mut blk = [[0.0f32; 4]; 4];
+                        for (j, b) in blk.iter_mut().enumerate() {
+                            b.copy_from_slice(&src[(t + j) * oc + o..][..4]);
+                        }
+                        for i in 0..4 {
+                            let bo = bias.map_or(0.0, |b| b[o + i]);
+                            let d: &mut [f32] = &mut dst[(o + i) * t_len + t..][..4];
+                            for j in 0..4 {
+                                d[j] = f(blk[j][i] + bo);
+                            }
+                        }
+                    }
+                }
+                // The rest, one element at a time.
                 for o in 0..oc {
                     let b = bias.map_or(0.0, |b| b[o]);
-                    for (t, d) in (t0..t1).zip(&mut dst[o * t_len + t0..o * t_len + t1]) {
-                        *d = f(src[t * oc + o] + b);
+                    let from = if o < o4 { t4 } else { t0 };
+                    for t in from..t1 {
+                        dst[o * t_len + t] = f(src[t * oc + o] + b);
                     }
                 }
             }
@@ -413,37 +433,39 @@ fn rows_to_nchw_with(
 /// Locations per tile of the NCHW <-> rows transposes.
 const TRANSPOSE_TILE: usize = 64;
 
-/// The sum of each channel of an NCHW gradient: the bias gradient (through the ReLU whose
-/// output is `after`, if any). Each channel sums its elements in `(n, t)` order, as the column
-/// sums of the `(N*T) x out` rows would, reading them contiguously; channels split across
-/// threads (each sum in one thread, so the bits do not depend on the split).
-fn channel_sums(g: &[f32], after: Option<&[f32]>, geom: &ConvGeom) -> Vec<f32> {
-    let (t_len, oc) = (geom.locations(), geom.out_ch);
-    let sum = |o: usize| {
-        let mut acc = 0.0f32;
-        for n in 0..geom.batch {
-            let at = (n * oc + o) * t_len;
-            match after {
-                Some(y) => {
-                    for (v, &y) in g[at..at + t_len].iter().zip(&y[at..at + t_len]) {
-                        acc += relu_grad(*v, y);
-                    }
+/// The sum of each column of `(N*T) x out` rows: the bias gradient. Each column sums its
+/// elements in row order, [`SUM_GROUP`] columns side by side (independent additions, which
+/// vectorize); the groups split across threads (each sum in one thread, so the bits do not
+/// depend on the split).
+fn column_sums(rows: &[f32], oc: usize) -> Vec<f32> {
+    let groups: Vec<usize> = (0..oc).step_by(SUM_GROUP).collect();
+    let sums = |&o0: &usize| {
+        let width = SUM_GROUP.min(oc - o0);
+        let mut acc = [0.0f32; SUM_GROUP];
+        for row in rows.chunks_exact(oc.max(1)) {
+            if width == SUM_GROUP {
+                let row: &[f32; SUM_GROUP] = row[o0..o0 + SUM_GROUP].try_into().unwrap();
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v;
                 }
-                None => {
-                    for v in &g[at..at + t_len] {
-                        acc += v;
-                    }
+            } else {
+                for (a, v) in acc.iter_mut().zip(&row[o0..o0 + width]) {
+                    *a += v;
                 }
             }
         }
-        acc
+        acc[..width].to_vec()
     };
-    if g.len() >= crate::tensor::PAR_THRESHOLD {
-        (0..oc).into_par_iter().map(sum).collect()
+    let per_group: Vec<Vec<f32>> = if rows.len() >= crate::tensor::PAR_THRESHOLD {
+        groups.par_iter().map(sums).collect()
     } else {
-        (0..oc).map(sum).collect()
-    }
+        groups.iter().map(sums).collect()
+    };
+    per_group.concat()
 }
+
+/// Columns that [`column_sums`] adds side by side: a cache line of each row.
+const SUM_GROUP: usize = 16;
 
 /// NCHW gradient to `(N*T) x out` rows (through the ReLU whose output is `after`, if any).
 fn nchw_to_rows(g: &[f32], after: Option<&[f32]>, geom: &ConvGeom) -> Vec<f32> {
@@ -526,10 +548,7 @@ pub(super) fn conv2d_backward(
     if let Some(b) = b
         && sink.needs(b)
     {
-        sink.add(
-            b,
-            Tensor::from_vec(channel_sums(g.data(), after, geom), &[oc]),
-        );
+        sink.add(b, Tensor::from_vec(column_sums(&g_rows, oc), &[oc]));
     }
     if sink.needs(x) {
         // The patch gradient `g W`, a few images at a time, each block folded back into the
@@ -648,6 +667,41 @@ mod tests {
                     assert_eq!(col2im(dp.data(), &g), dx, "col2im, {case}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn layout_passes_and_bias_sums_match_their_definitions_bit_for_bit() {
+        let mut rng = Rng::new(8);
+        // Channel counts around the 4 x 4 blocks and the summed groups; widths with and
+        // without a partial tile.
+        for (oc, h, w) in [(3, 5, 7), (16, 9, 9), (37, 4, 4), (64, 8, 8)] {
+            let g = ConvGeom::new(&[3, 1, h, w], &[oc, 1, 1, 1], 1, 0);
+            let t_len = g.locations();
+            let rows = Tensor::randn(&[3 * t_len * oc], 0.0, 1.0, &mut rng);
+            let bias = Tensor::randn(&[oc], 0.0, 1.0, &mut rng);
+            let (r, b) = (rows.data(), bias.data());
+            for relu in [false, true] {
+                let mut got = vec![0.0f32; r.len()];
+                rows_to_nchw(r, &g, Some(b), relu, &mut got);
+                for n in 0..3 {
+                    for o in 0..oc {
+                        for t in 0..t_len {
+                            let v = r[(n * t_len + t) * oc + o] + b[o];
+                            let want = if relu { v.max(0.0) } else { v };
+                            let at = (n * oc + o) * t_len + t;
+                            assert_eq!(got[at].to_bits(), want.to_bits(), "oc {oc} relu {relu}");
+                        }
+                    }
+                }
+            }
+            let mut want = vec![0.0f32; oc];
+            for row in r.chunks(oc) {
+                for (a, v) in want.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            assert_eq!(column_sums(r, oc), want, "column sums, oc {oc}");
         }
     }
 

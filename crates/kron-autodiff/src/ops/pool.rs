@@ -289,8 +289,10 @@ pub(super) fn max_pool_backward(
     sink: &mut GradSink<'_>,
 ) {
     let (pi, po) = (geom.h_in * geom.w_in, geom.h_out * geom.w_out);
-    let mut dx = crate::alloc::zeroed(geom.planes * pi);
+    // Each plane is cleared just before its gradients land, while it is in cache.
+    let mut dx = crate::alloc::scratch(geom.planes * pi);
     dx.par_chunks_mut(pi.max(1)).enumerate().for_each(|(p, d)| {
+        d.fill(0.0);
         let gp = &g.data()[p * po..(p + 1) * po];
         let ap = &arg[p * po..(p + 1) * po];
         for (gv, &a) in gp.iter().zip(ap) {
