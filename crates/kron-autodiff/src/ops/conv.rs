@@ -210,7 +210,12 @@ fn col2im_image<const KW: usize>(src: &[f32], geom: &ConvGeom, row: &mut [f32], 
                 let off = (c * geom.kh + i) * kw;
                 let line = &mut dst[c * plane + ih * w_in..][..w_in];
                 row[p..p + w_in].copy_from_slice(line);
-                for (ow, patch) in rows.chunks_exact(k_len).enumerate() {
+                let done = if KW != 0 && geom.stride == 1 {
+                    add_kernel_rows::<KW>(rows, k_len, off, geom.w_out, row)
+                } else {
+                    0
+                };
+                for (ow, patch) in rows.chunks_exact(k_len).enumerate().skip(done) {
                     let to = ow * geom.stride;
                     if KW != 0 {
                         let s: &[f32; KW] = patch[off..off + KW].try_into().unwrap();
@@ -229,6 +234,51 @@ fn col2im_image<const KW: usize>(src: &[f32], geom: &ConvGeom, row: &mut [f32], 
         }
     }
 }
+
+/// At stride 1, adds the kernel rows (entries `off..off + KW`) of the first output columns
+/// of `rows`, [`COLUMNS`] at a time, into `row` (column `ow` into `row[ow..ow + KW]`); returns
+/// how many columns it added.
+///
+/// The sums of a group's `COLUMNS + KW - 1` elements stay in registers, and the last `KW - 1`
+/// of them, which the next group adds to, are carried over rather than stored and loaded
+/// again: adding column by column into memory makes each add wait for the previous column's
+/// overlapping store. Each element still receives its entries in column order.
+#[inline(always)]
+fn add_kernel_rows<const KW: usize>(
+    rows: &[f32],
+    k_len: usize,
+    off: usize,
+    w_out: usize,
+    row: &mut [f32],
+) -> usize {
+    let span = COLUMNS + KW - 1;
+    if span > CARRY {
+        return 0;
+    }
+    let mut acc = [0.0f32; CARRY];
+    acc[..KW - 1].copy_from_slice(&row[..KW - 1]);
+    let mut ow = 0;
+    while ow + COLUMNS <= w_out {
+        acc[KW - 1..span].copy_from_slice(&row[ow + KW - 1..ow + span]);
+        for r in 0..COLUMNS {
+            let s: &[f32; KW] = rows[(ow + r) * k_len + off..][..KW].try_into().unwrap();
+            for j in 0..KW {
+                acc[r + j] += s[j];
+            }
+        }
+        row[ow..ow + COLUMNS].copy_from_slice(&acc[..COLUMNS]);
+        acc.copy_within(COLUMNS..span, 0);
+        ow += COLUMNS;
+    }
+    row[ow..ow + KW - 1].copy_from_slice(&acc[..KW - 1]);
+    ow
+}
+
+/// Output columns whose kernel rows [`add_kernel_rows`] adds as one group.
+const COLUMNS: usize = 4;
+
+/// Room for a group's sums in [`add_kernel_rows`] (kernels up to `CARRY - COLUMNS + 1` wide).
+const CARRY: usize = 12;
 
 impl<'t> Var<'t> {
     /// 2-D convolution of an NCHW batch with weight `out x in x kh x kw` and bias `out`, by
