@@ -392,18 +392,41 @@ fn forward(
     // Every element of `out` and of each GEMM block of `s` (beta = 0) is written.
     let mut out = scratch(geom.batch * oc * t_len);
     let mut s = scratch(images * t_len * oc);
-    for (n0, (pb, ob)) in (0..geom.batch).step_by(images).zip(
-        patches
-            .chunks_mut(images * t_len * k)
-            .zip(out.chunks_mut(images * oc * t_len)),
-    ) {
-        let rows = pb.len() / k.max(1);
-        let nb = rows / t_len.max(1);
+    let mut blocks: Vec<(usize, &mut [f32], &mut [f32])> = (0..geom.batch)
+        .step_by(images)
+        .zip(
+            patches
+                .chunks_mut(images * t_len * k)
+                .zip(out.chunks_mut(images * oc * t_len)),
+        )
+        .map(|(n0, (pb, ob))| (n0, pb, ob))
+        .collect();
+    let patch_block = |n0: usize, pb: &mut [f32]| {
+        let nb = pb.len() / (t_len * k).max(1);
         im2col_into(&x.data()[n0 * img..(n0 + nb) * img], &geom, pb);
+    };
+    if let Some((n0, pb, _)) = blocks.first_mut() {
+        patch_block(*n0, pb);
+    }
+    for b in 0..blocks.len() {
+        let (done, next) = blocks.split_at_mut(b + 1);
+        let (_, pb, ob) = &mut done[b];
+        let rows = pb.len() / k.max(1);
         let sb = &mut s[..rows * oc];
         gemm(rows, k, oc, 1.0, pb, false, w.data(), true, 0.0, sb);
-        rows_to_nchw(sb, &geom, bias, relu, ob);
+        // This block's output and the next block's patches, side by side: one hand-off to
+        // the threads instead of two.
+        let sb = &*sb;
+        rayon::join(
+            || rows_to_nchw(sb, &geom, bias, relu, ob),
+            || {
+                if let Some((n1, pb1, _)) = next.first_mut() {
+                    patch_block(*n1, pb1);
+                }
+            },
+        );
     }
+    drop(blocks);
     recycle(s);
     (
         Tensor::from_vec(out, &[geom.batch, oc, geom.h_out, geom.w_out]),
