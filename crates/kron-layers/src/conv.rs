@@ -132,8 +132,9 @@ impl Conv2d {
     }
 }
 
-impl Module for Conv2d {
-    fn forward<'t>(&self, x: Var<'t>) -> Var<'t> {
+impl Conv2d {
+    /// Records this layer's convolution of `x`, followed in the same op by a ReLU if `relu`.
+    fn record<'t>(&self, x: Var<'t>, relu: bool) -> Var<'t> {
         let BlockKind::Conv2d {
             stride, padding, ..
         } = self.block.kind
@@ -143,24 +144,23 @@ impl Module for Conv2d {
         let tape = x.tape();
         let w = tape.param(self.block.weight);
         let b = self.block.bias.map(|b| tape.param(b));
-        x.conv2d(w, b, stride, padding, Some(self.block.layer))
+        let layer = Some(self.block.layer);
+        if relu {
+            x.conv2d_relu(w, b, stride, padding, layer)
+        } else {
+            x.conv2d(w, b, stride, padding, layer)
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward<'t>(&self, x: Var<'t>) -> Var<'t> {
+        self.record(x, false)
     }
 
     /// Fuses a ReLU ([`Var::conv2d_relu`]).
     fn forward_then<'t>(&self, x: Var<'t>, act: Unary) -> Option<Var<'t>> {
-        let BlockKind::Conv2d {
-            stride, padding, ..
-        } = self.block.kind
-        else {
-            unreachable!("a Conv2d layer always has a conv block")
-        };
-        if act != Unary::Relu {
-            return None;
-        }
-        let tape = x.tape();
-        let w = tape.param(self.block.weight);
-        let b = self.block.bias.map(|b| tape.param(b));
-        Some(x.conv2d_relu(w, b, stride, padding, Some(self.block.layer)))
+        (act == Unary::Relu).then(|| self.record(x, true))
     }
 
     fn visit_params(&self, f: &mut dyn FnMut(ParamId)) {

@@ -181,6 +181,9 @@ struct MaxPoolPlane {
     phase_len: usize,
     /// Window maxima with `len` positions a row (the first `w_out` of each are the output).
     wide: (Vec<f32>, Vec<u32>),
+    /// For each phase that holds input columns: the phase, its first input column, and that
+    /// column's position in the phase (the phase's other input columns follow `stride` apart).
+    phase_starts: Vec<(usize, usize, usize)>,
 }
 
 impl MaxPoolPlane {
@@ -198,6 +201,15 @@ impl MaxPoolPlane {
             len,
             phase_len,
             wide: (vec![0.0; geom.h_out * len], vec![0; geom.h_out * len]),
+            phase_starts: (0..geom.stride)
+                .filter_map(|r| {
+                    // The first padded column of phase `r` that is an input column.
+                    let q0 =
+                        geom.padding + (r + geom.stride - geom.padding % geom.stride) % geom.stride;
+                    let iw0 = q0 - geom.padding;
+                    (iw0 < geom.w_in).then_some((r, iw0, q0 / geom.stride))
+                })
+                .collect(),
         }
     }
 
@@ -226,14 +238,8 @@ impl MaxPoolPlane {
                     (*b, *at) = keep_first_max(*b, *at, v, base + iw as u32);
                 }
             }
-            for r in 0..stride {
-                // The first padded column of phase `r` that is an input column, and its input
-                // column; the phase's input columns follow `stride` apart.
-                let q0 = g.padding + (r + stride - g.padding % stride) % stride;
-                let Some(iw0) = q0.checked_sub(g.padding).filter(|&iw| iw < w_in) else {
-                    continue;
-                };
-                let at = r * self.phase_len + oh * len + q0 / stride;
+            for &(r, iw0, pos) in &self.phase_starts {
+                let at = r * self.phase_len + oh * len + pos;
                 let columns = dvr[iw0..]
                     .iter()
                     .step_by(stride)
