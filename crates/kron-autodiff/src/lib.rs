@@ -2,7 +2,9 @@
 //!
 //! `f32` tensors and a tape-based reverse-mode autodiff built for second-order optimization.
 //!
-//! * [`Tensor`]: row-major, contiguous, storage shared by `Arc`; GEMM through matrixmultiply.
+//! * [`Tensor`]: row-major, contiguous, storage shared by `Arc`.
+//! * [`gemm`] and [`gemm_strided`]: matrixmultiply's kernels, each large product split into
+//!   one slab of the output per rayon thread, with the same bits for any thread count.
 //! * [`Tape`] and [`Var`]: an append-only arena of recorded ops (an enum, not closures);
 //!   [`Tape::backward`] sweeps it once in reverse, does not consume it, and returns
 //!   [`Gradients`] keyed by [`ParamId`].
@@ -35,7 +37,7 @@ pub use alloc::{
     pooled_bytes, release_buffers, scratch as scratch_buffer, zeroed as zeroed_buffer,
 };
 pub use capture::LayerCapture;
-pub use gemm::gemm;
+pub use gemm::{GemmScalar, MatMut, MatRef, gemm, gemm_strided};
 pub use gradients::Gradients;
 pub use ops::loss::{LossKind, Targets};
 pub use ops::{ConvGeom, Direction, PoolGeom, Unary};

@@ -1,8 +1,8 @@
-//! Same seed, same bits, whatever the thread counts of rayon and matrixmultiply.
+//! Same seed, same bits, whatever rayon's thread count (the GEMMs run on rayon's threads too).
 //!
-//! Both thread pools are global to a process and read their size from the environment once, so
-//! the test runs this very test binary again as child processes with
-//! `RAYON_NUM_THREADS` / `MATMUL_NUM_THREADS` set to 1, 2 and 3; each child runs the ignored
+//! The global pool is one per process and reads its size from the environment once, so the
+//! test runs this very test binary again as child processes with `RAYON_NUM_THREADS` set to 1,
+//! 2 and 3; each child runs the ignored
 //! helper [`determinism_child`], which prints a digest of every bit a training step produces.
 
 use std::process::Command;
@@ -38,7 +38,7 @@ impl Digest {
 }
 
 /// One training step's worth of bits: a conv net and a dense net large enough that rayon
-/// splits the batch and the elementwise kernels and matrixmultiply splits its GEMMs (a batch
+/// splits the batch, the elementwise kernels and the GEMMs' outputs (a batch
 /// of 64, an 8 -> 16 channel conv on 16 x 16 images, 1024 -> 512 -> 512 dense layers), forward,
 /// backward from the loss, a second backward from sampled labels, and the Kronecker factors.
 fn digest(seed: u64) -> u64 {
@@ -123,7 +123,6 @@ fn run_child(threads: usize) -> (usize, String) {
             "--test-threads=1",
         ])
         .env("RAYON_NUM_THREADS", threads.to_string())
-        .env("MATMUL_NUM_THREADS", threads.to_string())
         .output()
         .expect("spawn the test binary");
     let stdout = String::from_utf8_lossy(&out.stdout);

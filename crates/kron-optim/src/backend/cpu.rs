@@ -1,13 +1,13 @@
-//! The CPU backend: GEMM through matrixmultiply, factorizations through faer, statistics in
-//! `f32` or `f64`.
+//! The CPU backend: GEMM through matrixmultiply's kernels on rayon's threads, factorizations
+//! through faer, statistics in `f32` or `f64`.
 
-use kron_autodiff::Tensor;
+use kron_autodiff::{GemmScalar, MatMut, MatRef, Tensor, gemm_strided};
 
 use super::{Backend, Eigh, Inverse, LinalgError, Mat, Precision, Store, linalg};
 
-/// Matrix primitives on the host. GEMMs run on matrixmultiply's threads, factorizations are
-/// sequential inside (callers parallelize across independent blocks), so every result has the
-/// same bits for any thread count.
+/// Matrix primitives on the host. GEMMs split their output among rayon's threads
+/// ([`gemm_strided`]), factorizations are sequential inside (callers parallelize across
+/// independent blocks), so every result has the same bits for any thread count.
 ///
 /// Factorizations always run in `f64`; [`Precision`] says in which type statistics, inverses
 /// and intermediate products are kept.
@@ -31,60 +31,38 @@ const SYRK_BLOCK: usize = 256;
 /// `C = beta C + alpha X^T X` for `X` of `rows x d` (row-major) into the leading `d x d` of `C`
 /// (row stride `ldc`), computing the block products on and above the diagonal alone and
 /// mirroring them below: the symmetric rank-k update in about `(1 + 1/nb) / 2` of a GEMM's work.
-/// `$gemm` is the matching matrixmultiply routine. Each block is one strided GEMM over all rows,
-/// so every entry is the same sum, in the same order, whatever the blocking or thread count.
-macro_rules! syrk {
-    ($name:ident, $t:ty, $gemm:path) => {
-        #[allow(clippy::too_many_arguments)]
-        fn $name(d: usize, rows: usize, alpha: $t, x: &[$t], beta: $t, c: &mut [$t], ldc: usize) {
-            assert!(x.len() >= rows * d && (d == 0 || c.len() >= (d - 1) * ldc + d));
-            let starts: Vec<usize> = (0..d).step_by(SYRK_BLOCK).collect();
-            for (bi, &i0) in starts.iter().enumerate() {
-                let mi = SYRK_BLOCK.min(d - i0);
-                for &j0 in &starts[bi..] {
-                    let nj = SYRK_BLOCK.min(d - j0);
-                    // SAFETY: X[:, i0..i0+mi]^T is read with strides (1, d) from offset i0 and
-                    // X[:, j0..j0+nj] with strides (d, 1) from offset j0, both within the
-                    // asserted rows x d; C's block starts at (i0, j0) and spans mi rows of
-                    // stride ldc and nj columns, within the asserted d x d.
-                    unsafe {
-                        $gemm(
-                            mi,
-                            rows,
-                            nj,
-                            alpha,
-                            x.as_ptr().add(i0),
-                            1,
-                            d as isize,
-                            x.as_ptr().add(j0),
-                            d as isize,
-                            1,
-                            beta,
-                            c.as_mut_ptr().add(i0 * ldc + j0),
-                            ldc as isize,
-                            1,
-                        );
-                    }
-                }
-            }
-            // Mirror the blocks above the diagonal blocks into those below.
-            for (bi, &i0) in starts.iter().enumerate() {
-                let mi = SYRK_BLOCK.min(d - i0);
-                for &j0 in &starts[bi + 1..] {
-                    let nj = SYRK_BLOCK.min(d - j0);
-                    for i in i0..i0 + mi {
-                        for j in j0..j0 + nj {
-                            c[j * ldc + i] = c[i * ldc + j];
-                        }
-                    }
+/// Each block is one strided GEMM over all rows, so every entry is the same sum, in the same
+/// order, whatever the blocking or thread count.
+fn syrk<T: GemmScalar>(d: usize, rows: usize, alpha: T, x: &[T], beta: T, c: &mut [T], ldc: usize) {
+    assert!(x.len() >= rows * d && (d == 0 || c.len() >= (d - 1) * ldc + d));
+    let starts: Vec<usize> = (0..d).step_by(SYRK_BLOCK).collect();
+    for (bi, &i0) in starts.iter().enumerate() {
+        let mi = SYRK_BLOCK.min(d - i0);
+        for &j0 in &starts[bi..] {
+            let nj = SYRK_BLOCK.min(d - j0);
+            // X[:, i0..i0+mi]^T times X[:, j0..j0+nj] into C's block at (i0, j0).
+            gemm_strided(
+                alpha,
+                MatRef::new(&x[i0..rows * d], mi, rows, 1, d),
+                MatRef::new(&x[j0..rows * d], rows, nj, d, 1),
+                beta,
+                MatMut::new(&mut c[i0 * ldc + j0..], mi, nj, ldc, 1),
+            );
+        }
+    }
+    // Mirror the blocks above the diagonal blocks into those below.
+    for (bi, &i0) in starts.iter().enumerate() {
+        let mi = SYRK_BLOCK.min(d - i0);
+        for &j0 in &starts[bi + 1..] {
+            let nj = SYRK_BLOCK.min(d - j0);
+            for i in i0..i0 + mi {
+                for j in j0..j0 + nj {
+                    c[j * ldc + i] = c[i * ldc + j];
                 }
             }
         }
-    };
+    }
 }
-
-syrk!(syrk_f32, f32, matrixmultiply::sgemm);
-syrk!(syrk_f64, f64, matrixmultiply::dgemm);
 
 /// `c = alpha op(a) op(b) + beta c` in `f64` into a block of a larger row-major matrix of row
 /// stride `ldc` (the `f32` products go through [`kron_autodiff::gemm`]).
@@ -106,28 +84,17 @@ pub(crate) fn gemm_f64(
     if m == 0 || n == 0 {
         return;
     }
-    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the assert bounds every index the strides reach (a: m x k, b: k x n, c: m rows of
-    // stride ldc and n columns).
-    unsafe {
-        matrixmultiply::dgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            beta,
-            c.as_mut_ptr(),
-            ldc as isize,
-            1,
-        );
-    }
+    let a = if ta {
+        MatRef::row_major(&a[..m * k], k, m).t()
+    } else {
+        MatRef::row_major(&a[..m * k], m, k)
+    };
+    let b = if tb {
+        MatRef::row_major(&b[..k * n], n, k).t()
+    } else {
+        MatRef::row_major(&b[..k * n], k, n)
+    };
+    gemm_strided(alpha, a, b, beta, MatMut::new(c, m, n, ldc, 1));
 }
 
 /// A matrix of another backend reached the CPU backend: a caller's bug.
@@ -314,7 +281,7 @@ impl Backend for CpuBackend {
         match (&mut acc.store, &x.store) {
             (Store::F32(a), Store::F32(xs)) => {
                 let ad = a.data_mut();
-                syrk_f32(d, rows, scale, xs.data(), decay, ad, n);
+                syrk(d, rows, scale, xs.data(), decay, ad, n);
                 if let Some(s) = sums {
                     for i in 0..d {
                         let v = scale * s[i] as f32;
@@ -326,7 +293,7 @@ impl Backend for CpuBackend {
             }
             (Store::F64(a), _) => {
                 let xs = as_f64(x);
-                syrk_f64(d, rows, scale as f64, &xs, decay as f64, a, n);
+                syrk(d, rows, scale as f64, &xs, decay as f64, a, n);
                 if let Some(s) = sums {
                     let (sc, de) = (scale as f64, decay as f64);
                     for i in 0..d {
@@ -504,7 +471,7 @@ mod syrk_tests {
         // The full product, as Backend::gemm computes it, on a dense copy of the leading d x d.
         let mut full_sym: Vec<f32> = (0..d * d).map(|e| sym[(e / d) * ldc + e % d]).collect();
         kron_autodiff::gemm(d, rows, d, alpha, &x, true, &x, false, beta, &mut full_sym);
-        syrk_f32(d, rows, alpha, &x, beta, &mut sym, ldc);
+        syrk(d, rows, alpha, &x, beta, &mut sym, ldc);
         for i in 0..d {
             for j in 0..d {
                 let (s, f) = (sym[i * ldc + j], full_sym[i * d + j]);
@@ -518,7 +485,7 @@ mod syrk_tests {
         }
         let mut s64: Vec<f64> = sym.iter().map(|&v| v as f64).collect();
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        syrk_f64(d, rows, 1.0, &x64, 0.0, &mut s64, ldc);
+        syrk(d, rows, 1.0, &x64, 0.0, &mut s64, ldc);
         for i in (0..d).step_by(97) {
             for j in (0..d).step_by(89) {
                 let exact: f64 = (0..rows).map(|r| x64[r * d + i] * x64[r * d + j]).sum();
