@@ -374,9 +374,10 @@ pub(super) fn relu_grad(g: f32, y: f32) -> f32 {
 /// The convolution of `x` with `w` (and `bias`) in the geometry `geom`: the NCHW output and the
 /// `(N*T) x (in*kh*kw)` patch matrix it was computed from.
 ///
-/// A few images at a time: their patches (kept whole for the backward pass and the capture),
-/// their GEMM while the patches are in cache, and their rows into NCHW with the bias. Rows of a
-/// GEMM do not depend on how the rows are split.
+/// A few images at a time, each block wholly on one thread and the blocks side by side: their
+/// patches (kept whole for the backward pass and the capture), their GEMM while the patches
+/// are in cache, and their rows into NCHW with the bias. Rows of a GEMM do not depend on how
+/// the rows are split.
 fn forward(
     x: &Tensor,
     w: &Tensor,
@@ -388,46 +389,22 @@ fn forward(
     let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
     let (t_len, img) = (geom.locations(), geom.in_ch * geom.h_in * geom.w_in);
     let images = (BLOCK / (t_len * k).max(1)).clamp(1, geom.batch.max(1));
+    // Every element of `patches`, of `out` and of each GEMM block `s` (beta = 0) is written.
     let mut patches = scratch(nt * k);
-    // Every element of `out` and of each GEMM block of `s` (beta = 0) is written.
     let mut out = scratch(geom.batch * oc * t_len);
-    let mut s = scratch(images * t_len * oc);
-    let mut blocks: Vec<(usize, &mut [f32], &mut [f32])> = (0..geom.batch)
-        .step_by(images)
-        .zip(
-            patches
-                .chunks_mut(images * t_len * k)
-                .zip(out.chunks_mut(images * oc * t_len)),
-        )
-        .map(|(n0, (pb, ob))| (n0, pb, ob))
-        .collect();
-    let patch_block = |n0: usize, pb: &mut [f32]| {
-        let nb = pb.len() / (t_len * k).max(1);
-        im2col_into(&x.data()[n0 * img..(n0 + nb) * img], &geom, pb);
-    };
-    if let Some((n0, pb, _)) = blocks.first_mut() {
-        patch_block(*n0, pb);
-    }
-    for b in 0..blocks.len() {
-        let (done, next) = blocks.split_at_mut(b + 1);
-        let (_, pb, ob) = &mut done[b];
-        let rows = pb.len() / k.max(1);
-        let sb = &mut s[..rows * oc];
-        gemm(rows, k, oc, 1.0, pb, false, w.data(), true, 0.0, sb);
-        // This block's output and the next block's patches, side by side: one hand-off to
-        // the threads instead of two.
-        let sb = &*sb;
-        rayon::join(
-            || rows_to_nchw(sb, &geom, bias, relu, ob),
-            || {
-                if let Some((n1, pb1, _)) = next.first_mut() {
-                    patch_block(*n1, pb1);
-                }
-            },
-        );
-    }
-    drop(blocks);
-    recycle(s);
+    patches
+        .par_chunks_mut((images * t_len * k).max(1))
+        .zip(out.par_chunks_mut((images * oc * t_len).max(1)))
+        .enumerate()
+        .for_each(|(bi, (pb, ob))| {
+            let (n0, rows) = (bi * images, pb.len() / k.max(1));
+            let nb = rows / t_len.max(1);
+            im2col_into(&x.data()[n0 * img..(n0 + nb) * img], &geom, pb);
+            let mut sb = scratch(rows * oc);
+            gemm(rows, k, oc, 1.0, pb, false, w.data(), true, 0.0, &mut sb);
+            rows_to_nchw(&sb, &geom, bias, relu, ob);
+            recycle(sb);
+        });
     (
         Tensor::from_vec(out, &[geom.batch, oc, geom.h_out, geom.w_out]),
         Tensor::from_vec(patches, &[nt, k]),
@@ -626,36 +603,35 @@ pub(super) fn conv2d_backward(
     if sink.needs(x) {
         // The patch gradient `g W`, a few images at a time, each block folded back into the
         // image gradient while it is still in cache (the whole `(N*T) x K` matrix is never
-        // built). Rows of a GEMM do not depend on how the rows are split, nor do col2im's sums.
-        let per_image = geom.locations() * k;
+        // built). The blocks run side by side, each wholly on one thread. Rows of a GEMM do
+        // not depend on how the rows are split, nor do col2im's sums.
+        let (t_len, per_image) = (geom.locations(), geom.locations() * k);
         let images = (BLOCK / per_image.max(1)).clamp(1, geom.batch.max(1));
         let img = geom.in_ch * geom.h_in * geom.w_in;
         let mut dx = zeroed(geom.batch * img);
-        // Each block of `dp` is written whole by its GEMM (beta = 0) before col2im reads it.
-        let mut dp = scratch(images * per_image);
         let wv = sink.value(w).data();
-        for (n0, dxb) in (0..geom.batch)
-            .step_by(images)
-            .zip(dx.chunks_mut(images * img))
-        {
-            let nb = images.min(geom.batch - n0);
-            let rows = nb * geom.locations();
-            let dpb = &mut dp[..nb * per_image];
-            gemm(
-                rows,
-                oc,
-                k,
-                1.0,
-                &g_rows[n0 * geom.locations() * oc..][..rows * oc],
-                false,
-                wv,
-                false,
-                0.0,
-                dpb,
-            );
-            col2im_into(dpb, geom, dxb);
-        }
-        recycle(dp);
+        dx.par_chunks_mut((images * img).max(1))
+            .enumerate()
+            .for_each(|(bi, dxb)| {
+                let (n0, nb) = (bi * images, dxb.len() / img.max(1));
+                let rows = nb * t_len;
+                // Written whole by its GEMM (beta = 0) before col2im reads it.
+                let mut dpb = scratch(nb * per_image);
+                gemm(
+                    rows,
+                    oc,
+                    k,
+                    1.0,
+                    &g_rows[n0 * t_len * oc..][..rows * oc],
+                    false,
+                    wv,
+                    false,
+                    0.0,
+                    &mut dpb,
+                );
+                col2im_into(&dpb, geom, dxb);
+                recycle(dpb);
+            });
         let shape = sink.value(x).shape().to_vec();
         sink.add(x, Tensor::from_vec(dx, &shape));
     }
