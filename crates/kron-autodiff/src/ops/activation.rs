@@ -1,5 +1,6 @@
 //! Pointwise activations, log-softmax and dropout.
 
+use super::elementary::{exp, ln_1p_unit};
 use super::{GradSink, Op};
 use crate::tape::Var;
 use crate::tensor::Tensor;
@@ -34,11 +35,12 @@ const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
 const GELU_A: f32 = 0.044_715;
 
 /// The logistic sigmoid of one value: `1 / (1 + e^-x)` for `x >= 0` and `e^x / (1 + e^x)`
-/// below, so the exponential never overflows.
+/// below, so the exponential never overflows. Within 3 ulp of the exact value (tested); the
+/// exponential is kron's vectorizable one, so loops of sigmoids run four values at a time.
 pub fn sigmoid(x: f32) -> f32 {
     // One exponential, `e^-|x|`, serves both forms; choosing between them by a select rather
-    // than a branch keeps inputs of either sign from mispredicting.
-    let e = (-x.abs()).exp();
+    // than a branch keeps inputs of either sign from mispredicting, and lets loops vectorize.
+    let e = exp(-x.abs());
     let d = 1.0 + e;
     let (pos, neg) = (1.0 / d, e / d);
     f32::from_bits(std::hint::select_unpredictable(
@@ -48,9 +50,10 @@ pub fn sigmoid(x: f32) -> f32 {
     ))
 }
 
-/// `ln(1 + e^x)` without overflow.
+/// `ln(1 + e^x)` without overflow: `max(x, 0) + ln(1 + e^-|x|)`, within 3 ulp of the exact
+/// value (tested), in vectorizable arithmetic like [`sigmoid`].
 pub fn softplus(x: f32) -> f32 {
-    x.max(0.0) + (-x.abs()).exp().ln_1p()
+    x.max(0.0) + ln_1p_unit(exp(-x.abs()))
 }
 
 impl Unary {
@@ -326,15 +329,15 @@ pub(super) fn log_softmax_backward(x: usize, out: &Tensor, g: &Tensor, sink: &mu
 
 #[cfg(test)]
 mod tests {
-    use super::sigmoid;
+    use super::{exp, sigmoid, softplus};
 
     #[test]
     fn sigmoid_has_the_bits_of_its_two_sided_definition() {
         let reference = |x: f32| {
             if x >= 0.0 {
-                1.0 / (1.0 + (-x).exp())
+                1.0 / (1.0 + exp(-x))
             } else {
-                let e = x.exp();
+                let e = exp(x);
                 e / (1.0 + e)
             }
         };
@@ -345,5 +348,36 @@ mod tests {
             assert_eq!(sigmoid(x).to_bits(), reference(x).to_bits(), "x = {x}");
         }
         assert!(sigmoid(f32::NAN).is_nan());
+        assert_eq!(sigmoid(0.0), 0.5);
+    }
+
+    /// `got - want` in units of the last place of `want` rounded to `f32`.
+    fn ulps(got: f32, want: f64) -> f64 {
+        let w = (want as f32).abs();
+        let ulp = if w < f32::MIN_POSITIVE {
+            f32::from_bits(1) as f64
+        } else {
+            (f32::from_bits(w.to_bits() + 1) - w) as f64
+        };
+        (got as f64 - want).abs() / ulp
+    }
+
+    #[test]
+    fn sigmoid_and_softplus_are_within_three_ulp_of_their_exact_values() {
+        let sigmoid64 = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let softplus64 = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+        let (mut worst_sigmoid, mut worst_softplus) = (0.0f64, 0.0f64);
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 5e-4 + 1e-5;
+            worst_sigmoid = worst_sigmoid.max(ulps(sigmoid(x), sigmoid64(x as f64)));
+            worst_softplus = worst_softplus.max(ulps(softplus(x), softplus64(x as f64)));
+        }
+        assert!(worst_sigmoid <= 3.0, "sigmoid: {worst_sigmoid} ulp");
+        assert!(worst_softplus <= 3.0, "softplus: {worst_softplus} ulp");
+        assert_eq!(softplus(f32::INFINITY), f32::INFINITY);
+        assert_eq!(softplus(f32::NEG_INFINITY), 0.0);
+        assert!(softplus(f32::NAN).is_nan());
+        assert_eq!(softplus(-200.0), 0.0);
+        assert_eq!(softplus(200.0), 200.0);
     }
 }

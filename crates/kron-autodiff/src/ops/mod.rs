@@ -4,6 +4,7 @@
 mod activation;
 mod arith;
 pub mod conv;
+mod elementary;
 mod jvp;
 pub(crate) mod linear;
 pub mod loss;
