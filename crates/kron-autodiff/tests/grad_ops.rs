@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kron_autodiff::testing::{GradCheck, check_gradients, check_param_gradients};
-use kron_autodiff::{LossKind, ParamId, ParamStore, Rng, Tape, Targets, Tensor, Var};
+use kron_autodiff::{LossKind, ParamId, ParamStore, Rng, Tape, Targets, Tensor, Unary, Var};
 
 /// Runs the gradient check of `f` at `inputs` and asserts every element was compared.
 #[track_caller]
@@ -673,6 +673,68 @@ fn conv2d_relu_is_conv2d_then_relu_bit_for_bit() {
                 c.x, c.w
             );
             assert_bits_eq(&what, f, u);
+        }
+    }
+}
+
+/// `linear_then` against `linear(..)` then the activation: value, input and parameter
+/// gradients, captures and tangent, bit for bit, for each fusable activation and one that is
+/// not fused, with and without a bias, small and large enough to split across threads.
+#[test]
+fn linear_then_is_linear_then_the_activation_bit_for_bit() {
+    let acts = [Unary::Relu, Unary::Sigmoid, Unary::Tanh, Unary::Softplus];
+    for (k, &(batch, inp, out)) in [(3, 5, 4), (300, 20, 130)].iter().enumerate() {
+        for (j, &act) in acts.iter().enumerate() {
+            for bias in [true, false] {
+                let seed = 900 + 40 * k as u64 + 4 * j as u64;
+                let mut store = ParamStore::new();
+                let layer = store.add_layer("dense");
+                let w = store.add("w", randn(&[out, inp], seed + 1));
+                let b = bias.then(|| store.add("b", randn(&[out], seed + 2)));
+                let x = randn(&[batch, inp], seed);
+                let mut dir = vec![Some(randn(&[out, inp], seed + 3))];
+                dir.extend(b.map(|_| Some(randn(&[out], seed + 4))));
+                let run = |fused: bool| {
+                    let tape = Tape::new(&store).capturing([layer]);
+                    let (xv, wv) = (tape.var(x.clone()), tape.param(w));
+                    let bv = b.map(|b| tape.param(b));
+                    let y = if fused {
+                        xv.linear_then(wv, bv, Some(layer), act)
+                    } else {
+                        xv.linear(wv, bv, Some(layer)).unary(act)
+                    };
+                    let nodes = tape.len();
+                    let r = randn(&y.shape(), seed + 5);
+                    let grads = tape.backward(y.mul(tape.input(r)).sum());
+                    let cap = grads.capture(layer).expect("a capture").clone();
+                    let mut out = vec![y.value(), grads.wrt(xv).unwrap().clone()];
+                    out.extend(store.ids().map(|id| grads.get(id).unwrap().clone()));
+                    out.extend([cap.a, cap.g, tape.jvp(y, &dir)]);
+                    (nodes, out)
+                };
+                let ((fused_nodes, fused), (plain_nodes, plain)) = (run(true), run(false));
+                let one_op = act.derivative_from_output();
+                assert_eq!(fused_nodes + usize::from(one_op), plain_nodes, "{act:?}");
+                if act == Unary::Relu {
+                    // Some outputs are clipped and some are not, so the mask matters.
+                    let y = &fused[0];
+                    assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
+                }
+                let names = [
+                    "value",
+                    "x grad",
+                    "w grad",
+                    "b grad",
+                    "capture a",
+                    "capture g",
+                ];
+                let names = names.iter().filter(|n| bias || **n != "b grad");
+                for ((name, f), u) in names.chain(&["tangent"]).zip(&fused).zip(&plain) {
+                    let what =
+                        format!("linear_then {act:?} {batch}x{inp}->{out} bias {bias}: {name}");
+                    assert_bits_eq(&what, f, u);
+                }
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The dense (fully connected) layer.
 
-use kron_autodiff::{LayerId, ParamId, ParamStore, Rng, Tensor, Var};
+use kron_autodiff::{LayerId, ParamId, ParamStore, Rng, Tensor, Unary, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::init::Init;
@@ -106,12 +106,29 @@ impl Dense {
     }
 }
 
-impl Module for Dense {
-    fn forward<'t>(&self, x: Var<'t>) -> Var<'t> {
+impl Dense {
+    /// The layer's op, with `act` fused into it where given.
+    fn record<'t>(&self, x: Var<'t>, act: Option<Unary>) -> Var<'t> {
         let tape = x.tape();
         let w = tape.param(self.block.weight);
         let b = self.block.bias.map(|b| tape.param(b));
-        x.linear(w, b, Some(self.block.layer))
+        let layer = Some(self.block.layer);
+        match act {
+            Some(act) => x.linear_then(w, b, layer, act),
+            None => x.linear(w, b, layer),
+        }
+    }
+}
+
+impl Module for Dense {
+    fn forward<'t>(&self, x: Var<'t>) -> Var<'t> {
+        self.record(x, None)
+    }
+
+    /// Fuses a ReLU, sigmoid or tanh ([`Var::linear_then`]).
+    fn forward_then<'t>(&self, x: Var<'t>, act: Unary) -> Option<Var<'t>> {
+        act.derivative_from_output()
+            .then(|| self.record(x, Some(act)))
     }
 
     fn visit_params(&self, f: &mut dyn FnMut(ParamId)) {

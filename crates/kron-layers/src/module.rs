@@ -167,7 +167,8 @@ pub trait Module: Send + Sync {
     /// [`forward`](Module::forward) followed by the pointwise `act`, recorded as one fused op,
     /// where this module can fuse them: the same values, gradients and captures, bit for bit,
     /// as `act` applied after `forward`. `None` (and nothing recorded) where it cannot; the
-    /// default never fuses. [`Conv2d`](crate::Conv2d) fuses a ReLU.
+    /// default never fuses. [`Conv2d`](crate::Conv2d) fuses a ReLU; [`Dense`](crate::Dense) a ReLU,
+    /// sigmoid or tanh.
     fn forward_then<'t>(&self, x: Var<'t>, act: Unary) -> Option<Var<'t>> {
         let _ = (x, act);
         None

@@ -184,7 +184,7 @@ fn weights_round_trip_and_mismatches_are_refused() {
 /// A `Sequential` fuses each conv and the ReLU after it into one op (fewer tape nodes), with
 /// the same loss, gradients and captures, bit for bit, as the modules applied one by one.
 #[test]
-fn sequential_fuses_conv_and_relu_with_the_same_bits() {
+fn sequential_fuses_layers_and_activations_with_the_same_bits() {
     let mut store = ParamStore::new();
     let mut rng = Rng::new(6);
     let conv1 = Conv2dConfig::new(2, 4, 3)
@@ -200,8 +200,14 @@ fn sequential_fuses_conv_and_relu_with_the_same_bits() {
         Box::new(conv2),
         Box::new(Activation::Relu),
         Box::new(Flatten),
-        Box::new(Dense::new(&mut store, "head", 12, 3, &mut rng)),
+        Box::new(Dense::new(&mut store, "d1", 12, 6, &mut rng)),
+        Box::new(Activation::Tanh),
+        Box::new(Dense::new(&mut store, "d2", 6, 5, &mut rng)),
+        Box::new(Activation::Softplus),
+        Box::new(Dense::new(&mut store, "d3", 5, 4, &mut rng)),
         Box::new(Activation::Relu),
+        Box::new(Dense::new(&mut store, "head", 4, 3, &mut rng)),
+        Box::new(Activation::Sigmoid),
     ];
     let mut net = Sequential::new();
     let x = Tensor::randn(&[3, 2, 7, 7], 0.0, 1.0, &mut rng);
@@ -224,8 +230,9 @@ fn sequential_fuses_conv_and_relu_with_the_same_bits() {
         net.push_boxed(m);
     }
     let (fused_nodes, fused) = run(&|h| net.forward(h));
-    // Two convs fuse their ReLUs; the dense layer's ReLU stays an op of its own.
-    assert_eq!(fused_nodes + 2, plain_nodes);
+    // The convs fuse their ReLUs, the dense layers their tanh, ReLU and sigmoid; the softplus
+    // (whose derivative needs its input) stays an op of its own.
+    assert_eq!(fused_nodes + 5, plain_nodes);
     assert_eq!(fused.len(), plain.len());
     for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
         assert_eq!(f.shape(), p.shape(), "output {i}");

@@ -57,6 +57,13 @@ pub fn softplus(x: f32) -> f32 {
 }
 
 impl Unary {
+    /// Whether the derivative follows from the output alone, as `derivative(y, y)`: true for
+    /// ReLU (`y > 0` exactly where `x > 0`), sigmoid and tanh. A layer fuses only these into
+    /// one op ([`Var::linear_then`]), since the fused op keeps its output and not its input.
+    pub fn derivative_from_output(self) -> bool {
+        matches!(self, Unary::Relu | Unary::Sigmoid | Unary::Tanh)
+    }
+
     /// The function's value at `x`.
     pub fn eval(self, x: f32) -> f32 {
         match self {
@@ -276,6 +283,41 @@ pub(crate) fn log_softmax_rows(x: &Tensor) -> Tensor {
         }
     }
     Tensor::from_vec(out, x.shape())
+}
+
+/// `s = act(s + bias)` in place, row by row (rows of `bias.len()`, or of `cols` without a
+/// bias), split across threads when large: the values of adding the bias and then applying
+/// `act`, bit for bit.
+pub(super) fn bias_then_rows(s: &mut Tensor, bias: Option<&[f32]>, cols: usize, act: Unary) {
+    use rayon::prelude::*;
+    let data = s.data_mut();
+    let large = data.len() >= crate::tensor::PAR_THRESHOLD;
+    per_unary!(act, f => {
+        let row = |row: &mut [f32]| match bias {
+            Some(bias) => {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v = f().eval(*v + b);
+                }
+            }
+            None => {
+                for v in row.iter_mut() {
+                    *v = f().eval(*v);
+                }
+            }
+        };
+        if large {
+            data.par_chunks_mut(cols.max(1)).with_min_len(64).for_each(row);
+        } else {
+            data.chunks_mut(cols.max(1)).for_each(row);
+        }
+    })
+}
+
+/// The gradient `g` through `act` from its output `y` alone (`g * act'(y, y)`), for the
+/// functions of [`Unary::derivative_from_output`]: the bits of [`unary_jvp`] given the input.
+pub(super) fn through_output(act: Unary, y: &Tensor, g: &Tensor) -> Tensor {
+    debug_assert!(act.derivative_from_output());
+    unary_jvp(y, act, y, g)
 }
 
 pub(super) fn unary_backward(

@@ -252,7 +252,7 @@ fn tangent(
             Tensor::from_vec(d, out.shape())
         }),
         Op::Dropout { x, mask } => tan(*x).map(|tx| tx.mul(mask)),
-        Op::Linear { x, w, b, .. } => {
+        Op::Linear { x, w, b, act, .. } => {
             let mut s = sum2(
                 tan(*x).map(|tx| tx.matmul_t(false, val(*w), true)),
                 tan(*w).map(|tw| val(*x).matmul_t(false, tw, true)),
@@ -261,7 +261,11 @@ fn tangent(
                 let s = s.get_or_insert_with(|| Tensor::zeros(out.shape()));
                 super::linear::add_bias_rows(s, tb.data());
             }
-            s
+            // The activation's tangent rule, from its output.
+            match act {
+                Some(u) => s.map(|s| super::activation::through_output(*u, out, &s)),
+                None => s,
+            }
         }
         Op::Conv2d {
             x,

@@ -2,7 +2,8 @@
 
 use std::collections::HashSet;
 
-use super::{GradSink, Op};
+use super::activation::bias_then_rows;
+use super::{GradSink, Op, Unary};
 use crate::capture::LayerCapture;
 use crate::param::LayerId;
 use crate::tape::Var;
@@ -17,6 +18,42 @@ impl<'t> Var<'t> {
     /// If the shapes do not fit, naming them.
     #[track_caller]
     pub fn linear(self, w: Var<'t>, b: Option<Var<'t>>, layer: Option<LayerId>) -> Var<'t> {
+        self.linear_op(w, b, layer, None)
+    }
+
+    /// `linear(..)` followed by `act`, with the same values, gradients, captures and tangents
+    /// bit for bit. Where `act`'s derivative follows from its output
+    /// ([`Unary::derivative_from_output`]: ReLU, sigmoid, tanh) the two are one op: the bias
+    /// and `act` are applied in one pass over the GEMM's output, the pre-activation is never
+    /// stored, and the backward pass takes `act`'s derivative from the output. A capture site
+    /// still captures the gradient with respect to the pre-activation. Other functions are
+    /// recorded as two ops.
+    ///
+    /// # Panics
+    /// If the shapes do not fit, naming them.
+    #[track_caller]
+    pub fn linear_then(
+        self,
+        w: Var<'t>,
+        b: Option<Var<'t>>,
+        layer: Option<LayerId>,
+        act: Unary,
+    ) -> Var<'t> {
+        if act.derivative_from_output() {
+            self.linear_op(w, b, layer, Some(act))
+        } else {
+            self.linear_op(w, b, layer, None).unary(act)
+        }
+    }
+
+    #[track_caller]
+    fn linear_op(
+        self,
+        w: Var<'t>,
+        b: Option<Var<'t>>,
+        layer: Option<LayerId>,
+        act: Option<Unary>,
+    ) -> Var<'t> {
         let tape = self.tape;
         let value = {
             let xv = tape.value_of(self.id);
@@ -28,8 +65,8 @@ impl<'t> Var<'t> {
                 wv.shape()
             );
             let mut s = xv.matmul_t(false, &wv, true);
-            if let Some(b) = b {
-                let bv = tape.value_of(b.id);
+            let bias = b.map(|b| tape.value_of(b.id));
+            if let Some(bv) = &bias {
                 assert_eq!(
                     bv.shape(),
                     &[wv.dim(0)],
@@ -37,7 +74,13 @@ impl<'t> Var<'t> {
                     bv.shape(),
                     wv.shape()
                 );
-                add_bias_rows(&mut s, bv.data());
+            }
+            match (act, &bias) {
+                (Some(u), _) => {
+                    bias_then_rows(&mut s, bias.as_ref().map(|b| b.data()), wv.dim(0), u)
+                }
+                (None, Some(bv)) => add_bias_rows(&mut s, bv.data()),
+                (None, None) => {}
             }
             s
         };
@@ -49,6 +92,7 @@ impl<'t> Var<'t> {
                 w: w.id,
                 b: b.map(|b| b.id),
                 layer,
+                act,
             },
             value,
             &parents,

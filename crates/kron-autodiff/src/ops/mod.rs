@@ -63,6 +63,8 @@ pub(crate) enum Op {
         w: usize,
         b: Option<usize>,
         layer: Option<LayerId>,
+        /// The pointwise function that follows in the same op (the value is after it).
+        act: Option<Unary>,
     },
     Conv2d {
         x: usize,
@@ -165,7 +167,15 @@ pub(crate) fn backward(
         Op::Unary(x, u) => activation::unary_backward(*x, *u, out, g, sink),
         Op::LogSoftmax(x) => activation::log_softmax_backward(*x, out, g, sink),
         Op::Dropout { x, mask } => sink.add(*x, g.mul(mask)),
-        Op::Linear { x, w, b, layer } => {
+        Op::Linear {
+            x,
+            w,
+            b,
+            layer,
+            act,
+        } => {
+            let g_s = act.map(|u| activation::through_output(u, out, g));
+            let g = g_s.as_ref().unwrap_or(g);
             return linear::linear_backward(*x, *w, *b, *layer, g, sink, capture);
         }
         Op::Conv2d {
