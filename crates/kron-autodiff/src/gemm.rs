@@ -97,6 +97,16 @@ mod raw {
     }
 }
 
+/// Panics, naming `what`, if a `rows x cols` matrix with these strides reaches past `len`
+/// elements.
+#[track_caller]
+fn check_fits(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
+    assert!(
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len,
+        "{what}: {rows}x{cols} with strides ({rs}, {cs}) reaches past a slice of {len}"
+    );
+}
+
 /// A read-only matrix in a slice: element `(i, j)` at `data[i * row_stride + j * col_stride]`.
 /// A transpose is the same slice with the strides swapped.
 #[derive(Clone, Copy, Debug)]
@@ -121,14 +131,7 @@ impl<'a, T> MatRef<'a, T> {
         row_stride: usize,
         col_stride: usize,
     ) -> Self {
-        assert!(
-            rows == 0
-                || cols == 0
-                || (rows - 1) * row_stride + (cols - 1) * col_stride < data.len(),
-            "MatRef: {rows}x{cols} with strides ({row_stride}, {col_stride}) reaches past a \
-             slice of {}",
-            data.len()
-        );
+        check_fits("MatRef", data.len(), rows, cols, row_stride, col_stride);
         MatRef {
             data,
             rows,
@@ -192,12 +195,7 @@ impl<'a, T> MatMut<'a, T> {
         col_stride: usize,
     ) -> Self {
         let empty = rows == 0 || cols == 0;
-        assert!(
-            empty || (rows - 1) * row_stride + (cols - 1) * col_stride < data.len(),
-            "MatMut: {rows}x{cols} with strides ({row_stride}, {col_stride}) reaches past a \
-             slice of {}",
-            data.len()
-        );
+        check_fits("MatMut", data.len(), rows, cols, row_stride, col_stride);
         let rows_apart = col_stride >= 1 && (rows <= 1 || row_stride >= cols * col_stride);
         let cols_apart = row_stride >= 1 && (cols <= 1 || col_stride >= rows * row_stride);
         assert!(

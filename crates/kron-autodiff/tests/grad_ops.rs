@@ -658,22 +658,31 @@ fn conv2d_relu_is_conv2d_then_relu_bit_for_bit() {
         // Some outputs are clipped and some are not, so the mask matters.
         let y = &fused[0];
         assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
-        let names = [
-            "value",
-            "x grad",
-            "w grad",
-            "b grad",
-            "capture a",
-            "capture g",
-        ];
-        let names = names.iter().filter(|n| c.bias || **n != "b grad");
-        for ((name, f), u) in names.chain(&["tangent"]).zip(&fused).zip(&plain) {
-            let what = format!(
-                "conv2d_relu x{:?} w{:?} stride {s} padding {p}: {name}",
-                c.x, c.w
-            );
-            assert_bits_eq(&what, f, u);
-        }
+        let what = format!("conv2d_relu x{:?} w{:?} stride {s} padding {p}", c.x, c.w);
+        assert_fused_bits_eq(&what, c.bias, &fused, &plain);
+    }
+}
+
+/// A fused layer op against its unfused ops, output by output: the value, the input, weight
+/// and (with `bias`) bias gradients, the captured `a` and `g`, and the tangent.
+fn assert_fused_bits_eq(what: &str, bias: bool, fused: &[Tensor], plain: &[Tensor]) {
+    let names = [
+        "value",
+        "x grad",
+        "w grad",
+        "b grad",
+        "capture a",
+        "capture g",
+    ];
+    let names = names.iter().filter(|n| bias || **n != "b grad");
+    let names: Vec<&str> = names.copied().chain(["tangent"]).collect();
+    assert_eq!(
+        (fused.len(), plain.len()),
+        (names.len(), names.len()),
+        "{what}"
+    );
+    for ((name, f), u) in names.iter().zip(fused).zip(plain) {
+        assert_bits_eq(&format!("{what}: {name}"), f, u);
     }
 }
 
@@ -720,20 +729,8 @@ fn linear_then_is_linear_then_the_activation_bit_for_bit() {
                     let y = &fused[0];
                     assert!(y.data().contains(&0.0) && y.data().iter().any(|&v| v > 0.0));
                 }
-                let names = [
-                    "value",
-                    "x grad",
-                    "w grad",
-                    "b grad",
-                    "capture a",
-                    "capture g",
-                ];
-                let names = names.iter().filter(|n| bias || **n != "b grad");
-                for ((name, f), u) in names.chain(&["tangent"]).zip(&fused).zip(&plain) {
-                    let what =
-                        format!("linear_then {act:?} {batch}x{inp}->{out} bias {bias}: {name}");
-                    assert_bits_eq(&what, f, u);
-                }
+                let what = format!("linear_then {act:?} {batch}x{inp}->{out} bias {bias}");
+                assert_fused_bits_eq(&what, bias, &fused, &plain);
             }
         }
     }

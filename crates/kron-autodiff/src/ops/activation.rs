@@ -371,6 +371,7 @@ pub(super) fn log_softmax_backward(x: usize, out: &Tensor, g: &Tensor, sink: &mu
 
 #[cfg(test)]
 mod tests {
+    use super::super::elementary::ulps;
     use super::{exp, sigmoid, softplus};
 
     #[test]
@@ -391,17 +392,6 @@ mod tests {
         }
         assert!(sigmoid(f32::NAN).is_nan());
         assert_eq!(sigmoid(0.0), 0.5);
-    }
-
-    /// `got - want` in units of the last place of `want` rounded to `f32`.
-    fn ulps(got: f32, want: f64) -> f64 {
-        let w = (want as f32).abs();
-        let ulp = if w < f32::MIN_POSITIVE {
-            f32::from_bits(1) as f64
-        } else {
-            (f32::from_bits(w.to_bits() + 1) - w) as f64
-        };
-        (got as f64 - want).abs() / ulp
     }
 
     #[test]

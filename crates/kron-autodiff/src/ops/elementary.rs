@@ -63,21 +63,22 @@ pub(crate) fn ln_1p_unit(y: f32) -> f32 {
     2.0 * s + 2.0 * s * tail
 }
 
+/// `got - want` in units of the last place of `want` rounded to `f32` (subnormal units below
+/// the normal range): the error measure of the accuracy tests.
+#[cfg(test)]
+pub(super) fn ulps(got: f32, want: f64) -> f64 {
+    let w = (want as f32).abs();
+    let ulp = if w < f32::MIN_POSITIVE {
+        f32::from_bits(1) as f64
+    } else {
+        (f32::from_bits(w.to_bits() + 1) - w) as f64
+    };
+    (got as f64 - want).abs() / ulp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `got - want` in units of the last place of `want` rounded to `f32` (subnormal units
-    /// below the normal range).
-    fn ulps(got: f32, want: f64) -> f64 {
-        let w = (want as f32).abs();
-        let ulp = if w < f32::MIN_POSITIVE {
-            f32::from_bits(1) as f64
-        } else {
-            (f32::from_bits(w.to_bits() + 1) - w) as f64
-        };
-        (got as f64 - want).abs() / ulp
-    }
 
     /// Every 4099th `f32` from -104 to 89: exp within 1 ulp of the `f64` exponential.
     #[test]
