@@ -147,6 +147,17 @@ impl<'a, T> MatRef<'a, T> {
         Self::new(data, rows, cols, cols, 1)
     }
 
+    /// The `rows x cols` matrix `op(M)` of a row-major `M` in `data`: `M` itself, or, when
+    /// `transposed`, the transpose of the `cols x rows` matrix stored there.
+    #[track_caller]
+    pub fn row_major_op(data: &'a [T], rows: usize, cols: usize, transposed: bool) -> Self {
+        if transposed {
+            Self::row_major(data, cols, rows).t()
+        } else {
+            Self::row_major(data, rows, cols)
+        }
+    }
+
     /// The transpose: the same elements with rows and columns swapped.
     pub fn t(self) -> Self {
         MatRef {
@@ -319,16 +330,8 @@ pub fn gemm(
     assert!(a.len() >= m * k, "gemm: lhs holds {} < {m}x{k}", a.len());
     assert!(b.len() >= k * n, "gemm: rhs holds {} < {k}x{n}", b.len());
     assert!(c.len() >= m * n, "gemm: out holds {} < {m}x{n}", c.len());
-    let a = if ta {
-        MatRef::row_major(a, k, m).t()
-    } else {
-        MatRef::row_major(a, m, k)
-    };
-    let b = if tb {
-        MatRef::row_major(b, n, k).t()
-    } else {
-        MatRef::row_major(b, k, n)
-    };
+    let a = MatRef::row_major_op(a, m, k, ta);
+    let b = MatRef::row_major_op(b, k, n, tb);
     gemm_strided(alpha, a, b, beta, MatMut::row_major(c, m, n));
 }
 

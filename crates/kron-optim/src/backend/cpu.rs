@@ -84,16 +84,8 @@ pub(crate) fn gemm_f64(
     if m == 0 || n == 0 {
         return;
     }
-    let a = if ta {
-        MatRef::row_major(&a[..m * k], k, m).t()
-    } else {
-        MatRef::row_major(&a[..m * k], m, k)
-    };
-    let b = if tb {
-        MatRef::row_major(&b[..k * n], n, k).t()
-    } else {
-        MatRef::row_major(&b[..k * n], k, n)
-    };
+    let a = MatRef::row_major_op(&a[..m * k], m, k, ta);
+    let b = MatRef::row_major_op(&b[..k * n], k, n, tb);
     gemm_strided(alpha, a, b, beta, MatMut::new(c, m, n, ldc, 1));
 }
 
