@@ -15,15 +15,56 @@ use kron::optim::{Kfac, KfacConfig, Optimizer, Sgd, SgdConfig};
 use kron::train_step;
 use kron_benches::{Workload, time};
 
+/// The usage `--help` prints.
+const USAGE: &str = "usage: profile_step [autoencoder|convnet|kfac|sgd] [STEPS]
+
+  autoencoder, convnet   forward+backward steps of that benchmark model (default convnet)
+  kfac, sgd              whole autoencoder training steps with that optimizer
+  STEPS                  how many steps to time (default 10)";
+
+/// The workload and the step count, or what is wrong with the arguments (`Ok(None)`:
+/// `--help` was asked for).
+fn parse_args(args: &[String]) -> Result<Option<(String, usize)>, String> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(None);
+    }
+    if args.len() > 2 {
+        return Err(format!("too many arguments: {}", args.join(" ")));
+    }
+    let model = args.first().cloned().unwrap_or_else(|| "convnet".into());
+    if !["autoencoder", "convnet", "kfac", "sgd"].contains(&model.as_str()) {
+        return Err(format!(
+            "unknown workload {model:?} (expected autoencoder, convnet, kfac or sgd)"
+        ));
+    }
+    let steps = match args.get(1) {
+        None => 10,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(format!("the step count must be a positive whole number, not {s:?}")),
+        },
+    };
+    Ok(Some((model, steps)))
+}
+
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let model = args.next().unwrap_or_else(|| "convnet".into());
-    let steps: usize = args.next().map_or(10, |s| s.parse().expect("a step count"));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (model, steps) = match parse_args(&args) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("profile_step: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
     let training = matches!(model.as_str(), "kfac" | "sgd");
     let mut w = match model.as_str() {
         "autoencoder" | "kfac" | "sgd" => Workload::autoencoder(1000, 3),
         "convnet" => Workload::convnet(128, 3),
-        other => panic!("unknown workload {other} (expected autoencoder, convnet, kfac or sgd)"),
+        _ => unreachable!("parse_args accepts only the four workloads"),
     };
     if !training {
         std::hint::black_box(w.forward_backward());

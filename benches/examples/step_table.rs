@@ -10,13 +10,14 @@
 //!
 //! ```text
 //! cargo run --release -p kron-benches --example step_table [-- --reps 15 --rounds 3 --skip-kfac --detail --only convnet|pieces]
+//! cargo run --release -p kron-benches --example step_table -- --help
 //! ```
 
 use kron::autodiff::Rng;
 use kron::layers::Module;
 use kron::optim::{Kfac, KfacConfig, Optimizer, Sgd, SgdConfig, StepReport};
 use kron::train_step;
-use kron_benches::{GemmSet, Samples, Workload, fma_peak, load_average, time};
+use kron_benches::{GemmSet, Samples, Workload, fma_peak, fma_width, load_average, time};
 
 struct Args {
     reps: usize,
@@ -26,33 +27,55 @@ struct Args {
     only: Option<String>,
 }
 
-fn parse_args() -> Args {
-    let mut args = Args {
+/// The usage line `--help` prints.
+const USAGE: &str = "usage: step_table [--reps N] [--rounds N] [--skip-kfac] [--detail] \
+[--only sgemm|autoencoder|convnet|pieces|kfac]
+
+  --reps N       forward+backward steps timed per workload (default 15)
+  --rounds N     interleaved rounds of the KFAC/SGD training-step table (default 3)
+  --skip-kfac    leave out the training-step table
+  --detail       also time the conv net's pieces
+  --only PART    run one part: sgemm, autoencoder, convnet, pieces or kfac";
+
+/// The flags, or what is wrong with them (`Ok(None)`: `--help` was asked for).
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut out = Args {
         reps: 15,
         rounds: 3,
         kfac: true,
         detail: false,
         only: None,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        let mut num = |name: &str| -> usize {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{name} takes a positive number"))
+        let mut num = |name: &str| -> Result<usize, String> {
+            let v = it.next().ok_or(format!("{name} needs a value"))?;
+            match v.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(format!("{name} takes a positive whole number, not {v:?}")),
+            }
         };
         match a.as_str() {
-            "--reps" => args.reps = num("--reps").max(1),
-            "--rounds" => args.rounds = num("--rounds").max(1),
-            "--skip-kfac" => args.kfac = false,
-            "--detail" => args.detail = true,
-            "--only" => args.only = it.next(),
-            other => panic!(
-                "unknown argument {other} (expected --reps N, --rounds N, --skip-kfac, --detail, --only sgemm|autoencoder|convnet|pieces|kfac)"
-            ),
+            "-h" | "--help" => return Ok(None),
+            "--reps" => out.reps = num("--reps")?,
+            "--rounds" => out.rounds = num("--rounds")?,
+            "--skip-kfac" => out.kfac = false,
+            "--detail" => out.detail = true,
+            "--only" => {
+                let part = it.next().ok_or("--only needs a value")?;
+                const PARTS: [&str; 5] = ["sgemm", "autoencoder", "convnet", "pieces", "kfac"];
+                if !PARTS.contains(&part.as_str()) {
+                    return Err(format!(
+                        "--only takes one of {}, not {part:?}",
+                        PARTS.join(", ")
+                    ));
+                }
+                out.only = Some(part);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    args
+    Ok(Some(out))
 }
 
 fn load() -> String {
@@ -401,7 +424,17 @@ fn sampled_backward(reps: usize) {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("step_table: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
     println!(
         "kron step table: {} cores, load {} at start",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -410,11 +443,13 @@ fn main() {
     let runs = |part: &str| args.only.as_deref().is_none_or(|o| o == part);
     if runs("sgemm") {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if let (Some(one), Some(all)) = (fma_peak(1), fma_peak(cores)) {
+        if let (Some((isa, _)), Some(one), Some(all)) = (fma_width(), fma_peak(1), fma_peak(cores))
+        {
             println!(
-                "FMA peak (f32, AVX2): {one:.1} GFLOP/s on 1 core, {all:.1} on {cores}: the ceiling of every rate below"
+                "FMA peak (f32, {isa}): {one:.1} GFLOP/s on 1 core, {all:.1} on {cores}: the ceiling of every rate below"
             );
         }
+        println!("matrixmultiply kernel: {}", kron::autodiff::kernel_name());
         sgemm_line(1000, 10);
         sgemm_line(2048, 5);
     }

@@ -426,24 +426,47 @@ impl Samples {
     }
 }
 
-/// The machine's `f32` fused multiply-add throughput in GFLOP/s on `threads` threads at once:
-/// ten independent chains of 8-wide FMAs per thread, the most any GEMM kernel can reach. The
-/// ceiling for every GFLOP/s figure the benchmarks print. `None` without AVX2 and FMA.
+/// The widest `f32` fused multiply-add this CPU has, and its lanes: AVX-512F (16 lanes) where
+/// present, else FMA on AVX2 (8 lanes); `None` without FMA.
+pub fn fma_width() -> Option<(&'static str, usize)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return Some(("AVX-512", 16));
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Some(("AVX2", 8));
+        }
+    }
+    None
+}
+
+/// The machine's `f32` fused multiply-add throughput in GFLOP/s on `threads` threads at once,
+/// with the widest FMA it has ([`fma_width`]): ten independent chains of FMAs per thread, the
+/// most any GEMM kernel can reach. The ceiling for every GFLOP/s figure the benchmarks print.
+/// `None` without FMA.
 pub fn fma_peak(threads: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            return None;
-        }
+        let (_, lanes) = fma_width()?;
         const ITERS: u64 = 40_000_000;
         let start = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..threads.max(1) {
-                // SAFETY: AVX2 and FMA were detected above.
-                s.spawn(|| std::hint::black_box(unsafe { fma_chains(ITERS) }));
+                s.spawn(move || {
+                    // SAFETY: fma_width detected the instructions each function enables.
+                    let v = unsafe {
+                        if lanes == 16 {
+                            fma_chains_avx512(ITERS)
+                        } else {
+                            fma_chains_avx2(ITERS)
+                        }
+                    };
+                    std::hint::black_box(v)
+                });
             }
         });
-        let flops = threads.max(1) as f64 * ITERS as f64 * 10.0 * 8.0 * 2.0;
+        let flops = threads.max(1) as f64 * ITERS as f64 * 10.0 * lanes as f64 * 2.0;
         Some(flops / start.elapsed().as_secs_f64() / 1e9)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -456,7 +479,7 @@ pub fn fma_peak(threads: usize) -> Option<f64> {
 /// `iters` rounds of ten independent 8-wide FMA chains.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chains(iters: u64) -> f32 {
+unsafe fn fma_chains_avx2(iters: u64) -> f32 {
     use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_set1_ps, _mm256_storeu_ps};
     let (b, c) = (_mm256_set1_ps(1.0 - 1e-7), _mm256_set1_ps(1e-7));
     let mut acc = [_mm256_set1_ps(0.5); 10];
@@ -470,6 +493,28 @@ unsafe fn fma_chains(iters: u64) -> f32 {
     for a in acc {
         // SAFETY: `lanes` holds the 8 floats an unaligned 256-bit store writes.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), a) };
+        sum += lanes.iter().sum::<f32>();
+    }
+    sum
+}
+
+/// `iters` rounds of ten independent 16-wide FMA chains.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: u64) -> f32 {
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_set1_ps, _mm512_storeu_ps};
+    let (b, c) = (_mm512_set1_ps(1.0 - 1e-7), _mm512_set1_ps(1e-7));
+    let mut acc = [_mm512_set1_ps(0.5); 10];
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = _mm512_fmadd_ps(*a, b, c);
+        }
+    }
+    let mut lanes = [0.0f32; 16];
+    let mut sum = 0.0;
+    for a in acc {
+        // SAFETY: `lanes` holds the 16 floats an unaligned 512-bit store writes.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
         sum += lanes.iter().sum::<f32>();
     }
     sum

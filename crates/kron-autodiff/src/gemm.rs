@@ -9,9 +9,32 @@
 //! net's 11: 153-162 against 174-184 ms). It also leaves one pool of threads, rayon's, for
 //! the whole library.
 //!
-//! Each output element is the same sequence of fused multiply-adds whichever slab computes it
-//! (matrixmultiply splits no dot product, and its order over `k` depends only on `k`), so the
-//! bits do not depend on the thread count.
+//! # Why a split product has the bits of one whole call
+//!
+//! matrixmultiply cuts `c` into register tiles of `MR x NR` elements, counted from the first
+//! row and column of the `c` it is given, and computes each element as one chain of fused
+//! multiply-adds over `k` in the same order (in blocks of `KC`, the same for every element):
+//! no dot product is split. The only thing that depends on *where* an element lies is how its
+//! tile is finished. A full tile ends with `fma(alpha, ab, beta * c)` in registers; a partial
+//! tile at the bottom or right edge is computed into a buffer and added as
+//! `beta * c + alpha * ab`, two roundings. (With `beta = 0` and `k <= KC` the two agree; with
+//! `beta != 0`, or past the first `KC` block where matrixmultiply accumulates with `beta = 1`,
+//! they differ in the last bit.) So a slab boundary that cuts through a tile of the whole call
+//! changes the bits of the elements around it.
+//!
+//! Every slab therefore starts at a multiple of [`SLAB_ALIGN`] = 16 along the side it is cut
+//! on, and every slab but the last is a multiple of 16 long. Each kernel matrixmultiply 0.3
+//! can select has `MR` and `NR` dividing 16 (`f32`: AVX-512 16x16, FMA+AVX2 8x8, AVX 8x8, NEON
+//! 8x8, the portable fallback 8x4; `f64`: AVX-512 8x8, FMA+AVX2 and AVX 8x4, NEON 8x4, the
+//! fallback 4x4), and its cache blocks (`MC` = 64 rows, `NC` = 1024 columns) are multiples of
+//! 16 too. Then every element of a slab lies at the same place in a tile of the same shape as
+//! in the whole call, is finished the same way, and has the same bits, whatever the number of
+//! threads and whichever kernel the CPU selects. The 8-row alignment used before matched the
+//! 8x8 kernels only, and split products differed from one whole call on AVX-512 CPUs.
+//!
+//! The tests prove this on the CPU at hand for the kernel it selects (printed by
+//! [`kernel_name`]); `.ci/gemm-kernels` runs them again with each other kernel the CPU can
+//! run, through matrixmultiply's build-time `MMTEST_FEATURE` switch.
 
 use rayon::prelude::*;
 
@@ -234,9 +257,55 @@ impl<'a, T> MatMut<'a, T> {
 /// them would cost more in hand-offs than it saves.
 const SPLIT_FLOPS: usize = 1 << 21;
 
-/// Rows (or columns) per slab are a multiple of this, the kernels' register-tile height, so
-/// that no slab but the last ends in a partial tile.
-const SLAB_ALIGN: usize = 8;
+/// Slabs start at multiples of this many rows (or columns), and every slab but the last is a
+/// multiple of it long: a multiple of every register tile's height and width among the
+/// kernels matrixmultiply can select, so that no slab boundary cuts a tile of the whole call
+/// (see the module docs for why that keeps the bits).
+const SLAB_ALIGN: usize = 16;
+
+/// The kernels matrixmultiply selects on this CPU, with their register tiles, for example
+/// `"avx512f (f32 16x16, f64 8x8)"` or `"fma+avx2 (f32 8x8, f64 8x4)"`.
+///
+/// matrixmultiply does not report its choice; this follows its detection order (0.3.11:
+/// AVX-512F, then FMA with AVX2, then AVX, then NEON on aarch64, else the portable fallback),
+/// including its build-time `MMTEST_FEATURE` restriction, which the same build environment
+/// passes to this crate. The AVX-512 kernel exists only on rustc 1.89 or newer, the
+/// workspace's minimum.
+pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let allowed = |f: &str| match option_env!("MMTEST_FEATURE") {
+            None | Some("") => true,
+            Some(list) => list.split(',').any(|x| x == f),
+        };
+        let has = |f: &str| {
+            allowed(f)
+                && match f {
+                    "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+                    "fma" => std::arch::is_x86_feature_detected!("fma"),
+                    "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+                    _ => std::arch::is_x86_feature_detected!("avx"),
+                }
+        };
+        if has("avx512f") {
+            "avx512f (f32 16x16, f64 8x8)"
+        } else if has("fma") && has("avx2") {
+            "fma+avx2 (f32 8x8, f64 8x4)"
+        } else if has("avx") {
+            "avx (f32 8x8, f64 8x4)"
+        } else {
+            "fallback (f32 8x4, f64 4x4)"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon (f32 8x8, f64 8x4)"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "fallback (f32 8x4, f64 4x4)"
+    }
+}
 
 /// `c = alpha a b + beta c` for any strided `a` (`m x k`), `b` (`k x n`) and `c` (`m x n`),
 /// with `f32` or `f64` elements. Where `beta` is zero, what `c` held is ignored (NaN included).
@@ -350,60 +419,129 @@ mod tests {
         assert_eq!(c, vec![1.0; 6]);
     }
 
-    /// Every element of `alpha op(a) op(b) + beta c` against an f64 sum, and the same bits as
-    /// one whole product on the calling thread, for shapes that split by rows, by columns, into
-    /// partial slabs, or not at all, through every transpose.
-    #[test]
-    fn split_products_are_the_product_with_the_bits_of_one_whole_call() {
+    /// One whole product on the calling thread, straight through matrixmultiply.
+    fn whole<T: GemmScalar>(
+        (m, k, n): (usize, usize, usize),
+        alpha: T,
+        (a, ta): (&[T], bool),
+        (b, tb): (&[T], bool),
+        beta: T,
+        c: &mut [T],
+    ) {
+        let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+        let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+        // SAFETY: the strides describe a (m x k), b (k x n) and c (m x n) exactly.
+        unsafe {
+            T::gemm(
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                beta,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
+        };
+    }
+
+    /// Shapes that split by rows or by columns, into slabs whose 8-aligned edges would cut the
+    /// 16-wide tiles of the AVX-512 kernel (203 rows on 3 threads, 300 columns on 2), with `k`
+    /// past matrixmultiply's 256-deep blocks (where it accumulates with `beta = 1`), with
+    /// partial last slabs, or too small to split.
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (32, 4096, 800),
+        (7, 300, 130),
+        (203, 257, 96),
+        (100, 33, 5),
+        (1000, 70, 999),
+        (40, 520, 300),
+        (333, 300, 47),
+    ];
+
+    /// The same bits as one whole call, on 2, 3 and 4 threads, through every transpose, for
+    /// `T`, with `beta` zero and not.
+    fn split_equals_whole<T: GemmScalar + PartialEq + std::fmt::Debug>(from: fn(f32) -> T) {
         let mut rng = Rng::new(3);
+        let pools: Vec<_> = [2, 3, 4]
+            .map(|t| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap()
+            })
+            .into();
+        for &(m, k, n) in &SHAPES {
+            let a: Vec<T> = (0..m * k).map(|_| from(rng.normal())).collect();
+            let b: Vec<T> = (0..k * n).map(|_| from(rng.normal())).collect();
+            let c0: Vec<T> = (0..m * n).map(|_| from(rng.normal())).collect();
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for beta in [from(0.5), from(0.0)] {
+                    let mut want = c0.clone();
+                    whole((m, k, n), from(0.7), (&a, ta), (&b, tb), beta, &mut want);
+                    for pool in &pools {
+                        let mut split = c0.clone();
+                        let (am, bm) = (
+                            MatRef::row_major_op(&a, m, k, ta),
+                            MatRef::row_major_op(&b, k, n, tb),
+                        );
+                        let cm = MatMut::row_major(&mut split, m, n);
+                        pool.install(|| gemm_strided(from(0.7), am, bm, beta, cm));
+                        let bad = split.iter().zip(&want).position(|(x, y)| x != y);
+                        assert!(
+                            bad.is_none(),
+                            "{m}x{k}x{n} ta {ta} tb {tb} beta {beta:?} on {} threads with the \
+                             {} kernel: element {:?} differs from one whole call",
+                            pool.current_num_threads(),
+                            kernel_name(),
+                            bad.map(|e| (e / n, e % n)),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Split `f32` products have the bits of one whole call on this CPU's kernel.
+    #[test]
+    fn split_products_have_the_bits_of_one_whole_call_f32() {
+        println!("matrixmultiply kernel: {}", kernel_name());
+        split_equals_whole::<f32>(|x| x);
+    }
+
+    /// Split `f64` products have the bits of one whole call on this CPU's kernel.
+    #[test]
+    fn split_products_have_the_bits_of_one_whole_call_f64() {
+        println!("matrixmultiply kernel: {}", kernel_name());
+        split_equals_whole::<f64>(f64::from);
+    }
+
+    /// Every element of `alpha op(a) op(b) + beta c` against an f64 sum, through every
+    /// transpose, split on 3 threads.
+    #[test]
+    fn split_products_are_the_product() {
+        let mut rng = Rng::new(4);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        for &(m, k, n) in &[
-            (32, 4096, 800),
-            (7, 300, 130),
-            (203, 257, 96),
-            (100, 33, 5),
-            (1000, 70, 999),
-        ] {
+        for &(m, k, n) in &SHAPES {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                 let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
                 let b: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
                 let c0: Vec<f32> = (0..m * n).map(|_| rng.normal()).collect();
                 let mut split = c0.clone();
                 pool.install(|| gemm(m, k, n, 0.7, &a, ta, &b, tb, 0.5, &mut split));
-                let mut whole = c0.clone();
-                let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-                let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-                // SAFETY: the strides describe a (m x k), b (k x n) and c (m x n) exactly.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        n,
-                        0.7,
-                        a.as_ptr(),
-                        rsa,
-                        csa,
-                        b.as_ptr(),
-                        rsb,
-                        csb,
-                        0.5,
-                        whole.as_mut_ptr(),
-                        n as isize,
-                        1,
-                    )
-                };
-                assert!(
-                    split
-                        .iter()
-                        .zip(&whole)
-                        .all(|(x, y)| x.to_bits() == y.to_bits()),
-                    "{m}x{k}x{n} ta {ta} tb {tb}"
-                );
-                let at = |i: usize, p: usize| a[i * rsa as usize + p * csa as usize];
-                let bt = |p: usize, j: usize| b[p * rsb as usize + j * csb as usize];
+                let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
+                let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
+                let at = |i: usize, p: usize| a[i * rsa + p * csa];
+                let bt = |p: usize, j: usize| b[p * rsb + j * csb];
                 // Every element of the small products, every 7th of the large ones.
                 let every = if m * k * n > 10_000_000 { 7 } else { 1 };
                 for e in (0..m * n).step_by(every) {

@@ -37,7 +37,7 @@ pub use alloc::{
     pooled_bytes, release_buffers, scratch as scratch_buffer, zeroed as zeroed_buffer,
 };
 pub use capture::LayerCapture;
-pub use gemm::{GemmScalar, MatMut, MatRef, gemm, gemm_strided};
+pub use gemm::{GemmScalar, MatMut, MatRef, gemm, gemm_strided, kernel_name};
 pub use gradients::Gradients;
 pub use ops::loss::{LossKind, Targets};
 pub use ops::{ConvGeom, Direction, PoolGeom, Unary};
