@@ -41,7 +41,11 @@ fn parse_args(args: &[String]) -> Result<Option<(String, usize)>, String> {
         None => 10,
         Some(s) => match s.parse::<usize>() {
             Ok(n) if n >= 1 => n,
-            _ => return Err(format!("the step count must be a positive whole number, not {s:?}")),
+            _ => {
+                return Err(format!(
+                    "the step count must be a positive whole number, not {s:?}"
+                ));
+            }
         },
     };
     Ok(Some((model, steps)))

@@ -42,6 +42,7 @@ pub fn autoencoder(store: &mut ParamStore, rng: &mut Rng) -> Sequential {
 fn task(cfg: &Config, sizes: &Sizes) -> Result<Task, String> {
     let split = data::load(cfg, data::bundled_mnist)?;
     let (train, test) = data::trimmed(&split, sizes);
+    data::check("autoencoder", &train, &test, Some([28, 28]))?;
     let (x, xt) = (data::flat(&train), data::flat(&test));
     Ok(Task::new(
         x.clone(),

@@ -34,12 +34,7 @@ pub fn convnet(store: &mut ParamStore, rng: &mut Rng, in_ch: usize, classes: usi
 fn task(cfg: &Config, sizes: &Sizes) -> Result<Task, String> {
     let split = data::load(cfg, data::bundled_mnist)?;
     let (train, test) = data::trimmed(&split, sizes);
-    if train.image_shape()[1..] != [28, 28] {
-        return Err(format!(
-            "convnet expects 28x28 images, found {:?}",
-            train.image_shape()
-        ));
-    }
+    data::check("convnet", &train, &test, Some([28, 28]))?;
     Ok(Task::new(
         train.images_nchw(),
         Targets::Classes(train.labels().to_vec()),

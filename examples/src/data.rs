@@ -22,6 +22,35 @@ pub fn trim(d: &Dataset, n: Option<usize>) -> Dataset {
     }
 }
 
+/// Checks, before any training, that neither set is empty, that the images have pixels, and,
+/// where `needs` names a size, that the images have it (`who` names the example in errors).
+pub fn check(
+    who: &str,
+    train: &Dataset,
+    test: &Dataset,
+    needs: Option<[usize; 2]>,
+) -> Result<(), String> {
+    for (set, d) in [("training", train), ("test", test)] {
+        if d.is_empty() {
+            return Err(format!("{who}: the {set} set has no examples"));
+        }
+    }
+    let [_, h, w] = train.image_shape();
+    if h == 0 || w == 0 {
+        return Err(format!(
+            "{who}: the images are {h}x{w} pixels: an image needs a pixel"
+        ));
+    }
+    if let Some([nh, nw]) = needs
+        && [h, w] != [nh, nw]
+    {
+        return Err(format!(
+            "{who} needs {nh}x{nw} images (its model's first layer is that wide), found {h}x{w}"
+        ));
+    }
+    Ok(())
+}
+
 /// The bundled MNIST subset (8,000 train / 2,000 test).
 pub fn bundled_mnist() -> Split {
     mnist_10k()

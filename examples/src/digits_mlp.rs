@@ -27,6 +27,7 @@ pub fn mlp(store: &mut ParamStore, rng: &mut Rng, features: usize, classes: usiz
 fn task(cfg: &Config, sizes: &Sizes) -> Result<Task, String> {
     let split = data::load(cfg, kron::data::digits)?;
     let (train, test) = data::trimmed(&split, sizes);
+    data::check("digits_mlp", &train, &test, None)?;
     let (x, xt) = (data::flat(&train), data::flat(&test));
     let shift = Shift {
         image: train.image_shape(),

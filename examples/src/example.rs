@@ -170,7 +170,54 @@ impl Config {
             stats_examples: f.get("stats-examples")?,
         };
         f.finish()?;
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Checks every value a flag gave: counts at least 1, rates and damping finite and
+    /// positive, the KL clip finite and not negative (0 switches it off), and no `--lr` where
+    /// it would be ignored (`--compare` and `--sweep` use each optimizer's tuned or swept
+    /// rate). The error names the flag.
+    pub fn validate(&self) -> Result<(), CliError> {
+        let positive = |name: &str, v: Option<f32>| match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => Err(CliError(format!(
+                "--{name} must be a finite number above 0, not {x}"
+            ))),
+            _ => Ok(()),
+        };
+        positive("lr", self.lr)?;
+        positive("damping", self.damping)?;
+        if let Some(k) = self.kl_clip
+            && !(k.is_finite() && k >= 0.0)
+        {
+            return Err(CliError(format!(
+                "--kl-clip must be a finite number, 0 for no clipping, not {k}"
+            )));
+        }
+        let counts = [
+            ("epochs", self.epochs.map(|v| v as u64)),
+            ("batch-size", self.batch_size.map(|v| v as u64)),
+            ("stats-period", self.stats_period),
+            ("inverse-period", self.inverse_period),
+            ("stats-examples", self.stats_examples.map(|v| v as u64)),
+            (
+                "curvature-examples",
+                self.curvature_examples.map(|v| v as u64),
+            ),
+        ];
+        for (name, v) in counts {
+            if v == Some(0) {
+                return Err(CliError(format!("--{name} must be at least 1")));
+            }
+        }
+        if self.lr.is_some() && (self.compare || self.sweep) {
+            return Err(CliError(
+                "--lr sets the rate of a single run; --compare and --sweep run each optimizer \
+                 at its tuned (or swept) rate"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -228,6 +275,10 @@ pub struct Summary {
     pub sweep_log: Option<String>,
     /// Notes: runs that stopped early, refreshes that failed, and the like.
     pub notes: Vec<String>,
+    /// Why each reported run that stopped before its last step stopped (a refused step, a
+    /// divergence); empty when every reported run finished. The runs a `--sweep` tries on
+    /// its way are not reported runs.
+    pub stopped: Vec<String>,
 }
 
 impl Summary {
@@ -277,6 +328,17 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     }
     if cfg.lm && kfac.adaptive_damping.is_none() {
         kfac = kfac.with_adaptive_damping(Some(LevenbergMarquardt::default()));
+    }
+    if cfg.lr.is_some()
+        && cfg.optimizer == OptimizerKind::Kfac
+        && kfac.step_rule == StepRule::QuadraticModel
+        && !(cfg.compare || cfg.sweep)
+    {
+        return Err(format!(
+            "--lr has no effect on {}'s KFAC, whose quadratic-model step sets each step's size; \
+             add --kfac-step sgd to run KFAC at a learning rate",
+            ex.name
+        ));
     }
     let optim = default_optimizer(kfac);
     let spec = RunSpec {
@@ -345,6 +407,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         Summary {
             title,
             curves: c.curves.clone(),
+            stopped: c.stopped.clone(),
             comparison: Some(c),
             sweep_log: log,
             notes,
@@ -352,7 +415,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     } else {
         let lr = cfg.lr.unwrap_or_else(|| tuned(cfg.optimizer));
         let r = run(&task, &model_fn, &optim, &RunSpec { lr, ..spec.clone() })?;
-        notes.extend(r.stopped);
+        notes.extend(r.stopped.iter().cloned());
         notes.extend(r.notes);
         Summary {
             title,
@@ -360,42 +423,79 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
             comparison: None,
             sweep_log: None,
             notes,
+            stopped: r.stopped.into_iter().collect(),
         }
     };
     Ok(summary)
 }
 
-/// The `main` of an example: parse flags, run, print, write the CSV. Returns the exit code.
+/// The `main` of an example: [`cli_main`] on the process's arguments and standard streams.
 pub fn main(ex: &Example) -> std::process::ExitCode {
-    let cfg = match Config::from_args(std::env::args().skip(1), ex.default_optimizer) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = cli_main(
+        ex,
+        args,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    );
+    std::process::ExitCode::from(code)
+}
+
+/// Parses flags, runs, prints the table to `out`, writes the CSV, and returns the exit code:
+/// 0 when every reported run finished, 1 when one stopped early or something failed (the
+/// reason on `err`), 2 for a usage error (a bad flag or value, an unwritable `--csv` path,
+/// found before training). `--help` prints the flags to `out` and returns 0.
+pub fn cli_main(
+    ex: &Example,
+    args: Vec<String>,
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+) -> u8 {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        let _ = writeln!(out, "{USAGE}");
+        return 0;
+    }
+    let cfg = match Config::from_args(args, ex.default_optimizer) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{}: {e}", ex.name);
-            if !e.0.starts_with("flags:") {
-                eprintln!("{USAGE}");
-            }
-            return std::process::ExitCode::from(2);
+            let _ = writeln!(err, "{}: {e}\n{USAGE}", ex.name);
+            return 2;
         }
     };
+    let path = cfg
+        .csv
+        .clone()
+        .unwrap_or_else(|| crate::train::default_csv(ex.name));
+    // Found out before training, not after it.
+    if let Err(e) = crate::report::check_writable(&path) {
+        let _ = writeln!(
+            err,
+            "{}: cannot write the curves to {}: {e}",
+            ex.name,
+            path.display()
+        );
+        return 2;
+    }
     match run_example(ex, &cfg) {
         Ok(s) => {
-            print!("{}", s.render(true));
-            let path = cfg
-                .csv
-                .clone()
-                .unwrap_or_else(|| crate::train::default_csv(ex.name));
+            let _ = write!(out, "{}", s.render(true));
             match s.curves.write_csv(&path) {
-                Ok(()) => println!("curves written to {}", path.display()),
+                Ok(()) => {
+                    let _ = writeln!(out, "curves written to {}", path.display());
+                }
                 Err(e) => {
-                    eprintln!("{}: cannot write {}: {e}", ex.name, path.display());
-                    return std::process::ExitCode::FAILURE;
+                    let _ = writeln!(err, "{}: cannot write {}: {e}", ex.name, path.display());
+                    return 1;
                 }
             }
-            std::process::ExitCode::SUCCESS
+            for why in &s.stopped {
+                let _ = writeln!(err, "{}: stopped early: {why}", ex.name);
+            }
+            u8::from(!s.stopped.is_empty())
         }
         Err(e) => {
-            eprintln!("{}: {e}", ex.name);
-            std::process::ExitCode::FAILURE
+            let _ = writeln!(err, "{}: {e}", ex.name);
+            1
         }
     }
 }

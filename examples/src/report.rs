@@ -108,6 +108,23 @@ impl Curves {
     }
 }
 
+/// Checks that a CSV can be written at `path` before a run spends its time: creates the
+/// parent directory and opens the file for writing (creating it empty if absent; an existing
+/// file is left as it is until the curves replace it).
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map(drop)
+}
+
 /// The time-to-target table: for each optimizer, the steps and seconds it took to first reach
 /// `target`, and its speed-up in seconds over `baseline`. A NaN learning rate prints as `auto`
 /// (an optimizer that chooses its own step size).

@@ -399,9 +399,17 @@ pub fn run(
             }
             let due = epoch.is_multiple_of(spec.eval_every.max(1)) || epoch == spec.epochs;
             if due && eval_at.contains(&(b + 1)) {
-                curves
-                    .points
-                    .push(evaluate_point(&params, epoch, step, seconds));
+                let point = evaluate_point(&params, epoch, step, seconds);
+                let loss = point.train_loss;
+                curves.points.push(point);
+                if !loss.is_finite() {
+                    progress.finish();
+                    return Ok(RunResult {
+                        curves,
+                        stopped: Some(format!("step {step}: diverged (training loss {loss})")),
+                        notes,
+                    });
+                }
             }
         }
         // Consume the end-of-epoch marker so the next epoch starts afresh.

@@ -207,7 +207,15 @@ pub fn write_tensors(
     write_atomic(path, &data)
 }
 
-/// Writes `data` to `path` through a temporary file in the same directory and a rename.
+/// Writes `data` to `path` through a temporary file in the same directory and a rename, so
+/// that `path` holds either its old contents or all of `data`, never a part.
+///
+/// The temporary file is created exclusively (`O_CREAT | O_EXCL`: a file or symbolic link
+/// already at that name is never opened, so a link planted there cannot redirect the write)
+/// under a name that cannot be predicted (`.NAME.` plus 64 random bits from the operating
+/// system's hasher seed, the process id and a clock), retried under a new name if taken. A
+/// file replaced at `path` keeps its permission bits; a new one gets the process's defaults.
+/// On every error the temporary file is removed and `path` is left as it was.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TensorFileError> {
     let io = |source| TensorFileError::Io {
         path: path.to_path_buf(),
@@ -216,20 +224,59 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TensorFileError> {
     let file_name = path
         .file_name()
         .ok_or_else(|| io(std::io::Error::other("path has no file name")))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
+    // What the replaced file allowed (a symbolic link at `path` is replaced, not followed).
+    let keep = std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.permissions());
+    let (mut f, tmp) = (0..16)
+        .find_map(|attempt| {
+            let mut name = std::ffi::OsString::from(".");
+            name.push(file_name);
+            name.push(format!(".{:016x}.tmp", unpredictable(attempt)));
+            let tmp = path.with_file_name(name);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(f) => Some(Ok((f, tmp))),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .unwrap_or_else(|| {
+            Err(std::io::Error::other(
+                "no free temporary file name beside it after 16 tries",
+            ))
+        })
+        .map_err(io)?;
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        if let Some(perm) = keep {
+            f.set_permissions(perm)?;
+        }
         f.write_all(data)?;
         f.sync_all()?;
+        drop(f);
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// 64 bits no other process can guess: the standard library's per-process random hasher keys
+/// over the process id, a clock and `salt`.
+fn unpredictable(salt: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u64(salt);
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    h.finish()
 }
 
 /// Reads every tensor of a safetensors file (all must be `f32`).

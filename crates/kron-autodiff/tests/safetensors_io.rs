@@ -345,3 +345,73 @@ fn missing_file_is_an_io_error() {
     let err = save_params(&model(), &nowhere).unwrap_err();
     assert!(matches!(err, TensorFileError::Io { .. }), "{err:?}");
 }
+
+/// Plain files whose names start with `prefix` in the system's temporary directory.
+fn leftovers(prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .collect()
+}
+
+/// A symbolic link planted where the temporary file used to be created (`.NAME.tmp<pid>`)
+/// or at the target itself is never followed: the victim behind it is untouched and the
+/// target becomes a plain file.
+#[cfg(unix)]
+#[test]
+fn an_atomic_write_follows_no_planted_symlink() {
+    use kron_autodiff::io::write_atomic;
+    let dir = std::env::temp_dir().join(format!("kron-symlink-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let target = dir.join("weights.safetensors");
+    let old_tmp = dir.join(format!(".weights.safetensors.tmp{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &old_tmp).unwrap();
+    write_atomic(&target, b"new contents").unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(&target).unwrap().is_file());
+    assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
+    // A link at the target itself is replaced by the file, not written through.
+    let link = dir.join("link.safetensors");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    write_atomic(&link, b"through?").unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A replaced file keeps its permission bits (a 0600 checkpoint stays 0600).
+#[cfg(unix)]
+#[test]
+fn an_atomic_write_keeps_the_replaced_files_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = TempFile::new("perm");
+    std::fs::write(&f.0, b"old").unwrap();
+    std::fs::set_permissions(&f.0, std::fs::Permissions::from_mode(0o600)).unwrap();
+    kron_autodiff::io::write_atomic(&f.0, b"new").unwrap();
+    let mode = std::fs::metadata(&f.0).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(std::fs::read(&f.0).unwrap(), b"new");
+}
+
+/// A write that fails at the rename (the target is a directory) reports the path, leaves the
+/// directory as it was and removes its temporary file.
+#[test]
+fn a_failed_atomic_write_leaves_no_temporary_file() {
+    let dir = std::env::temp_dir().join(format!("kron-failed-write-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("inner")).unwrap();
+    let e = kron_autodiff::io::write_atomic(&dir, b"data").unwrap_err();
+    assert!(e.to_string().contains("kron-failed-write"), "{e}");
+    assert!(dir.join("inner").is_dir());
+    let prefix = format!(".kron-failed-write-{}", std::process::id());
+    assert_eq!(leftovers(&prefix), Vec::<PathBuf>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,6 +69,14 @@ pub enum DataError {
         /// Bytes present.
         found_bytes: u64,
     },
+    /// A gzip-compressed file decompresses to more than its header says. Decompression
+    /// stops one byte past the declared size, so how much more is not known.
+    TrailingData {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the header calls for.
+        expected_bytes: u64,
+    },
     /// An images file and its labels file disagree on the number of examples.
     CountMismatch {
         /// The images file.
@@ -161,6 +169,15 @@ impl fmt::Display for DataError {
                 "{}: {} trailing bytes: expected {expected_bytes} bytes, found {found_bytes}",
                 path.display(),
                 found_bytes.saturating_sub(*expected_bytes)
+            ),
+            DataError::TrailingData {
+                path,
+                expected_bytes,
+            } => write!(
+                f,
+                "{}: decompresses to more than the {expected_bytes} bytes its header calls for \
+                 (decompression stopped there)",
+                path.display()
             ),
             DataError::CountMismatch {
                 images,

@@ -206,7 +206,8 @@ impl Images {
     }
 }
 
-/// The bytes of a file, decompressed if they start with the gzip magic bytes `1f 8b`.
+/// The bytes of an IDX file, decompressed as [`decompress`] does if they start with the gzip
+/// magic bytes `1f 8b`.
 pub fn read_bytes(path: impl AsRef<Path>) -> Result<Vec<u8>, DataError> {
     let path = path.as_ref();
     let raw = std::fs::read(path).map_err(|source| DataError::Io {
@@ -216,28 +217,66 @@ pub fn read_bytes(path: impl AsRef<Path>) -> Result<Vec<u8>, DataError> {
     Ok(decompress(&raw, path)?.into_owned())
 }
 
-/// `bytes` decompressed if they start with the gzip magic bytes `1f 8b`, else unchanged.
+/// The most bytes deflate can expand one compressed byte to (its best ratio is about 1032:1):
+/// a bound on what a compressed stream can decode to, so no capacity is reserved beyond it.
+const DEFLATE_MAX_RATIO: u64 = 1032;
+
+/// IDX `bytes` decompressed if they start with the gzip magic bytes `1f 8b`, else unchanged.
 /// `name` names the data in errors.
+///
+/// Decompression reads the IDX header first and never produces more than the size it
+/// declares plus one byte: a small file that would unpack to gigabytes (a "gzip bomb") costs
+/// no more memory or time than the file its header describes, and is refused with
+/// [`DataError::TrailingData`]. Without a well-formed header only the header's bytes are
+/// decompressed, and the parser reports what is wrong with them.
 pub fn decompress<'a>(bytes: &'a [u8], name: &Path) -> Result<Cow<'a, [u8]>, DataError> {
     if !bytes.starts_with(&[0x1f, 0x8b]) {
         return Ok(Cow::Borrowed(bytes));
     }
-    // The gzip trailer holds the uncompressed size modulo 2^32: a good capacity hint.
-    let hint = match bytes.len() {
-        n if n >= 18 => {
-            let t = &bytes[n - 4..];
-            (u32::from_le_bytes([t[0], t[1], t[2], t[3]]) as usize).min(1 << 30)
-        }
-        _ => 0,
+    let gzip = |source| DataError::Gzip {
+        path: name.to_path_buf(),
+        source,
     };
-    let mut out = Vec::with_capacity(hint);
-    MultiGzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .map_err(|source| DataError::Gzip {
+    let mut decoder = MultiGzDecoder::new(bytes);
+    let mut out = Vec::new();
+    let mut read_up_to = |out: &mut Vec<u8>, total: u64| -> Result<(), DataError> {
+        let more = total.saturating_sub(out.len() as u64);
+        (&mut decoder).take(more).read_to_end(out).map_err(gzip)?;
+        Ok(())
+    };
+    read_up_to(&mut out, 4)?;
+    if out.len() < 4 || out[0] != 0 || out[1] != 0 {
+        return Ok(Cow::Owned(out));
+    }
+    let header_len = 4 + 4 * out[3] as u64;
+    read_up_to(&mut out, header_len)?;
+    let Some(total) = declared_len(&out) else {
+        return Ok(Cow::Owned(out));
+    };
+    let bound = DEFLATE_MAX_RATIO.saturating_mul(bytes.len() as u64);
+    let reserve = total.min(bound).min(1 << 32) as usize;
+    out.reserve(reserve.saturating_sub(out.len()));
+    read_up_to(&mut out, total.saturating_add(1))?;
+    if out.len() as u64 > total {
+        return Err(DataError::TrailingData {
             path: name.to_path_buf(),
-            source,
-        })?;
+            expected_bytes: total,
+        });
+    }
     Ok(Cow::Owned(out))
+}
+
+/// The whole size (header and payload) an IDX header declares, if `head` holds a complete
+/// header with a known element type and a size that fits in a `u64`.
+fn declared_len(head: &[u8]) -> Option<u64> {
+    let dtype = IdxDtype::from_code(*head.get(2)?)?;
+    let header_len = 4 + 4 * *head.get(3)? as usize;
+    head.get(4..header_len)?
+        .chunks_exact(4)
+        .try_fold(dtype.size() as u64, |acc, c| {
+            acc.checked_mul(u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as u64)
+        })?
+        .checked_add(header_len as u64)
 }
 
 /// Reads any IDX file (raw or gzip).

@@ -149,7 +149,8 @@ fn trailing_bytes() {
     let dir = ScratchDir::new("trailing");
     let mut bytes = labels_file(&[1, 2, 3]);
     bytes.extend_from_slice(&[0, 0]);
-    let p = dir.write("long.gz", &gzip(&bytes));
+    // Raw: the whole file is there to count.
+    let p = dir.write("long", &bytes);
     let e = read_labels(&p).unwrap_err();
     assert!(
         matches!(
@@ -163,6 +164,20 @@ fn trailing_bytes() {
         "{e:?}"
     );
     assert!(e.to_string().contains("2 trailing bytes"), "{e}");
+    // Compressed: decompression stops one byte past the declared 11.
+    let p = dir.write("long.gz", &gzip(&bytes));
+    let e = read_labels(&p).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DataError::TrailingData {
+                expected_bytes: 11,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("long.gz"), "{e}");
 }
 
 #[test]

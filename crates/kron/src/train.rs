@@ -135,11 +135,14 @@ fn record<'t>(
 }
 
 /// The model's outputs on `inputs` in eval mode (no dropout, nothing captured), computed in
-/// batches of `batch` rows to bound memory.
+/// batches of `batch` rows to bound memory. No rows give an empty tensor of shape `[0]`.
 pub fn predict(model: &dyn Module, params: &ParamStore, inputs: &Tensor, batch: usize) -> Tensor {
     // On a rayon worker, as `train_step` runs.
     in_pool(|| {
         let n = inputs.dim(0);
+        if n == 0 {
+            return Tensor::zeros(&[0]);
+        }
         let row: usize = inputs.shape()[1..].iter().product();
         let mut out = Vec::new();
         let mut out_shape = Vec::new();
@@ -156,9 +159,6 @@ pub fn predict(model: &dyn Module, params: &ParamStore, inputs: &Tensor, batch: 
             start = end;
         }
         out_shape[0] = n;
-        if n == 0 {
-            return Tensor::zeros(&[0]);
-        }
         Tensor::from_vec(out, &out_shape)
     })
 }
@@ -173,6 +173,7 @@ pub struct Evaluation {
 }
 
 /// Evaluates the model on `inputs` against `targets` in eval mode, in batches of `batch`.
+/// An empty dataset has no mean: its loss is NaN and its accuracy `None`.
 pub fn evaluate(
     model: &dyn Module,
     params: &ParamStore,
@@ -181,6 +182,12 @@ pub fn evaluate(
     targets: &Targets,
     batch: usize,
 ) -> Evaluation {
+    if inputs.dim(0) == 0 {
+        return Evaluation {
+            loss: f32::NAN,
+            accuracy: None,
+        };
+    }
     let out = predict(model, params, inputs, batch);
     let l = loss.value(&out, targets);
     let accuracy = match targets {
