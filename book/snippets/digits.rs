@@ -167,7 +167,8 @@ pub fn checkpoint_and_resume(path: &Path) -> Result<Resumed, Box<dyn Error>> {
     let model2 = mlp(&mut params2, &mut Rng::new(12345), 64, 10);
     let mut opt2 = Kfac::new(&model2, &params2, kfac_config());
     let loaded = load_checkpoint(path, &mut params2, &mut opt2)?;
-    let mut batches2 = Batches::from_state(serde_json::from_value(loaded.data.clone())?)?;
+    let saved = serde_json::from_value(loaded.data.clone())?;
+    let mut batches2 = Batches::resume(saved, digits.train.len())?;
     let mut rng2 = loaded.rng.clone();
     train(
         &model2,

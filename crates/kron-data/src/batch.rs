@@ -113,6 +113,27 @@ impl Batches {
         Ok(Self::build(state))
     }
 
+    /// Resumes from a saved position over a dataset of `len` examples: [`from_state`]
+    /// (Self::from_state), and also refuses a state saved for a dataset of another size,
+    /// which would index past a smaller dataset's end or silently train on the first
+    /// examples of a larger one only.
+    ///
+    /// # Errors
+    /// [`DataError::BadState`], naming both sizes, if `len` is not the saved one; otherwise as
+    /// [`from_state`](Self::from_state).
+    pub fn resume(state: BatchState, len: usize) -> Result<Self, DataError> {
+        if state.len != len {
+            return Err(DataError::BadState {
+                detail: format!(
+                    "the saved batch position is for a dataset of {} examples, but this dataset \
+                     has {len}",
+                    state.len
+                ),
+            });
+        }
+        Self::from_state(state)
+    }
+
     fn build(state: BatchState) -> Self {
         let order = state.order();
         Batches { state, order }

@@ -141,3 +141,18 @@ fn batches_gather_from_a_dataset() {
         );
     }
 }
+
+/// A position saved for a dataset of another size is refused, naming both sizes, whether the
+/// new dataset is smaller (it would index past its end) or larger (it would train on the old
+/// first examples only); the same size resumes.
+#[test]
+fn resuming_on_a_dataset_of_another_size_is_refused() {
+    let mut a = Batches::new(100, 8, Rng::new(5));
+    let _ = a.next_batch();
+    for other in [60, 140] {
+        let e = Batches::resume(a.state(), other).unwrap_err().to_string();
+        assert!(e.contains("100") && e.contains(&other.to_string()), "{e}");
+    }
+    let mut b = Batches::resume(a.state(), 100).unwrap();
+    assert_eq!(b.next_batch(), a.next_batch());
+}
