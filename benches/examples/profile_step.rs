@@ -13,7 +13,7 @@
 use kron::autodiff::Rng;
 use kron::optim::{Kfac, KfacConfig, Optimizer, Sgd, SgdConfig};
 use kron::train_step;
-use kron_benches::{Workload, time};
+use kron_benches::{Workload, args_or_exit, time};
 
 /// The usage `--help` prints.
 const USAGE: &str = "usage: profile_step [autoencoder|convnet|kfac|sgd] [STEPS]
@@ -53,17 +53,7 @@ fn parse_args(args: &[String]) -> Result<Option<(String, usize)>, String> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (model, steps) = match parse_args(&args) {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => {
-            println!("{USAGE}");
-            return;
-        }
-        Err(e) => {
-            eprintln!("profile_step: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
+    let (model, steps) = args_or_exit("profile_step", USAGE, parse_args(&args));
     let training = matches!(model.as_str(), "kfac" | "sgd");
     let mut w = match model.as_str() {
         "autoencoder" | "kfac" | "sgd" => Workload::autoencoder(1000, 3),

@@ -17,7 +17,9 @@ use kron::autodiff::Rng;
 use kron::layers::Module;
 use kron::optim::{Kfac, KfacConfig, Optimizer, Sgd, SgdConfig, StepReport};
 use kron::train_step;
-use kron_benches::{GemmSet, Samples, Workload, fma_peak, fma_width, load_average, time};
+use kron_benches::{
+    GemmSet, Samples, Workload, args_or_exit, fma_peak, fma_width, load_average, time,
+};
 
 struct Args {
     reps: usize,
@@ -424,17 +426,7 @@ fn sampled_backward(reps: usize) {
 }
 
 fn main() {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{USAGE}");
-            return;
-        }
-        Err(e) => {
-            eprintln!("step_table: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
+    let args = args_or_exit("step_table", USAGE, parse_args(std::env::args().skip(1)));
     println!(
         "kron step table: {} cores, load {} at start",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

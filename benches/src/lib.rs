@@ -426,6 +426,23 @@ impl Samples {
     }
 }
 
+/// The parsed arguments of a bench tool, or its exit: `Ok(None)` (`--help` was asked for)
+/// prints `usage` on standard output and exits 0; an error prints it with `usage` on standard
+/// error, prefixed by the tool's `name`, and exits 2.
+pub fn args_or_exit<T>(name: &str, usage: &str, parsed: Result<Option<T>, String>) -> T {
+    match parsed {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}\n{usage}");
+            std::process::exit(2);
+        }
+    }
+}
+
 /// The widest `f32` fused multiply-add this CPU has, and its lanes: AVX-512F (16 lanes) where
 /// present, else FMA on AVX2 (8 lanes); `None` without FMA.
 pub fn fma_width() -> Option<(&'static str, usize)> {

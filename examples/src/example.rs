@@ -332,7 +332,6 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     if cfg.lr.is_some()
         && cfg.optimizer == OptimizerKind::Kfac
         && kfac.step_rule == StepRule::QuadraticModel
-        && !(cfg.compare || cfg.sweep)
     {
         return Err(format!(
             "--lr has no effect on {}'s KFAC, whose quadratic-model step sets each step's size; \

@@ -68,11 +68,7 @@ impl Curves {
 
     /// Writes the curves as CSV, creating the parent directory.
     pub fn write_csv(&self, path: &Path) -> std::io::Result<()> {
-        if let Some(dir) = path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir)?;
-        }
+        create_parent(path)?;
         let mut s =
             String::from("optimizer,epoch,step,seconds,train_loss,test_loss,test_accuracy\n");
         for p in &self.points {
@@ -112,17 +108,21 @@ impl Curves {
 /// parent directory and opens the file for writing (creating it empty if absent; an existing
 /// file is left as it is until the curves replace it).
 pub fn check_writable(path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
+    create_parent(path)?;
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)
         .map(drop)
+}
+
+/// Creates the directory `path` lies in, if it names one.
+fn create_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir),
+        _ => Ok(()),
+    }
 }
 
 /// The time-to-target table: for each optimizer, the steps and seconds it took to first reach

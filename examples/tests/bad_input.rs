@@ -2,31 +2,14 @@
 //! 2 for a usage error), `--help` on standard output with exit 0, and a non-zero exit for a
 //! run that stopped early.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use kron::autodiff::testing::ScratchDir;
 use kron::data::idx::encode_u8;
 use kron::data::{TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS};
 use kron_examples::example::{Config, Example, cli_main, run_example};
 use kron_examples::train::OptimizerKind;
 use kron_examples::{autoencoder, digits_mlp};
-
-/// A fresh directory under the system's temporary directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("kron-ex-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// An MNIST-format directory with `train` and `test` images of `side x side` pixels.
 fn mnist_dir(dir: &Path, train: usize, test: usize, side: usize) {
@@ -110,8 +93,8 @@ fn a_learning_rate_that_would_be_ignored_is_refused() {
 
 #[test]
 fn an_unwritable_csv_path_is_found_before_training() {
-    let dir = Scratch::new("csv");
-    let blocker = dir.0.join("file");
+    let dir = ScratchDir::new("csv");
+    let blocker = dir.path().join("file");
     std::fs::write(&blocker, b"").unwrap();
     let csv = blocker.join("curves.csv"); // under a file: cannot be created
     let (code, out, err) = cli(
@@ -128,10 +111,10 @@ fn an_unwritable_csv_path_is_found_before_training() {
 #[test]
 fn data_the_loader_accepts_but_the_example_cannot_use_is_a_clear_error() {
     let run = |ex: &Example, train, test, side| {
-        let dir = Scratch::new(&format!("{}-{train}-{test}-{side}", ex.name));
-        mnist_dir(&dir.0, train, test, side);
+        let dir = ScratchDir::new(&format!("{}-{train}-{test}-{side}", ex.name));
+        mnist_dir(dir.path(), train, test, side);
         let cfg = Config {
-            data: Some(dir.0.clone()),
+            data: Some(dir.path().to_path_buf()),
             fast: true,
             quiet: true,
             ..Config::default()
@@ -152,8 +135,8 @@ fn data_the_loader_accepts_but_the_example_cannot_use_is_a_clear_error() {
 /// reason on standard error.
 #[test]
 fn a_run_that_stopped_early_exits_non_zero() {
-    let dir = Scratch::new("stopped");
-    let csv = dir.0.join("c.csv");
+    let dir = ScratchDir::new("stopped");
+    let csv = dir.path().join("c.csv");
     let (code, out, err) = cli(
         &digits_mlp::EXAMPLE,
         &[

@@ -78,14 +78,13 @@ fn close(got: f32, want: f32, rtol: f32) -> bool {
 /// its time-to-target step counts independent of the kernel: no point other than the
 /// baseline's final one lies within the loss tolerance of the target.
 fn check(s: &Summary, want: &[Expected]) {
-    let got: Vec<Expected> = s
+    let got: Vec<(&str, u64, f32, f32, f32)> = s
         .curves
         .points
         .iter()
         .map(|p| {
-            let name: &'static str = p.optimizer.clone().leak();
             let acc = p.test_accuracy.unwrap_or(f32::NAN);
-            (name, p.step, p.train_loss, p.test_loss, acc)
+            (p.optimizer.as_str(), p.step, p.train_loss, p.test_loss, acc)
         })
         .collect();
     let matches = got.len() == want.len()

@@ -4,48 +4,21 @@
 //! no input may panic, allocate more than twice the valid file's decoded size plus 64 MiB, or
 //! (when refused) change the model or the optimizer. Bounded in count, so it runs in seconds.
 //!
-//! This binary counts every allocation (its own global allocator) and holds this test alone.
+//! This binary counts every allocation (kron's `CountingAlloc` as its global allocator) and
+//! holds this test alone.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kron::autodiff::io::{load_params, save_params};
+use kron::autodiff::testing::{CountingAlloc, ScratchDir};
 use kron::data::idx;
 use kron::optim::{Kfac, KfacConfig};
 use kron::prelude::*;
 
-/// The system allocator, keeping the bytes live now and the most live since the last reset.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; the counters only
-// observe sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, forwarded.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract, forwarded.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOC: CountingAlloc = CountingAlloc::new();
 
 /// The ways a valid file is damaged.
 #[derive(Clone, Copy, Debug)]
@@ -142,10 +115,7 @@ fn guarded<T>(
     tally: &mut Tally,
     load: impl FnOnce() -> T,
 ) -> T {
-    let base = LIVE.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let out = catch_unwind(AssertUnwindSafe(load));
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    let (out, peak) = ALLOC.measure(|| catch_unwind(AssertUnwindSafe(load)));
     tally.tried += 1;
     tally.peak = tally.peak.max(peak);
     let Ok(out) = out else {
@@ -181,24 +151,6 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(bytes).unwrap();
     e.finish().unwrap()
-}
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("kron-mutation-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn bits(p: &ParamStore) -> Vec<(String, Vec<u32>)> {
@@ -251,17 +203,17 @@ fn mutated_files_never_panic_overallocate_or_change_the_model() {
     assert_eq!(t.tried, 20_000);
 
     // Safetensors weights.
-    let dir = Scratch::new("files");
+    let dir = ScratchDir::new("mutation");
     let mut store = ParamStore::new();
     let _m = model(&mut store, 1);
     let mut other = ParamStore::new();
     let _o = model(&mut other, 2);
-    let (w1, w2) = (dir.0.join("w1"), dir.0.join("w2"));
+    let (w1, w2) = (dir.path().join("w1"), dir.path().join("w2"));
     save_params(&store, &w1).unwrap();
     save_params(&other, &w2).unwrap();
     let valid = vec![std::fs::read(&w1).unwrap(), std::fs::read(&w2).unwrap()];
     let limit = 2 * valid[0].len() + 64 * MIB;
-    let path = dir.0.join("mutated");
+    let path = dir.path().join("mutated");
     let mut t = Tally::default();
     for i in 0..4000 {
         let input = mutate(MUTATIONS[i % 4], &valid, &mut rng);
@@ -302,7 +254,7 @@ fn mutated_files_never_panic_overallocate_or_change_the_model() {
             let t = Targets::Classes(y.clone());
             train_step(&m, LossKind::CrossEntropy, &mut p, &mut opt, &x, &t, &mut r).unwrap();
         }
-        let f = dir.0.join(format!("ck{seed}"));
+        let f = dir.path().join(format!("ck{seed}"));
         let st = TrainState {
             step: 3,
             rng: r.clone(),

@@ -278,20 +278,17 @@ pub fn kernel_name() -> &'static str {
             None | Some("") => true,
             Some(list) => list.split(',').any(|x| x == f),
         };
-        let has = |f: &str| {
-            allowed(f)
-                && match f {
-                    "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-                    "fma" => std::arch::is_x86_feature_detected!("fma"),
-                    "avx2" => std::arch::is_x86_feature_detected!("avx2"),
-                    _ => std::arch::is_x86_feature_detected!("avx"),
-                }
-        };
-        if has("avx512f") {
+        // Detected and allowed, as matrixmultiply's own detection asks.
+        macro_rules! has {
+            ($f:tt) => {
+                allowed($f) && std::arch::is_x86_feature_detected!($f)
+            };
+        }
+        if has!("avx512f") {
             "avx512f (f32 16x16, f64 8x8)"
-        } else if has("fma") && has("avx2") {
+        } else if has!("fma") && has!("avx2") {
             "fma+avx2 (f32 8x8, f64 8x4)"
-        } else if has("avx") {
+        } else if has!("avx") {
             "avx (f32 8x8, f64 8x4)"
         } else {
             "fallback (f32 8x4, f64 4x4)"

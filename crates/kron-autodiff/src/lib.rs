@@ -17,7 +17,8 @@
 //!   recorded ops, and [`Tape::ggn_gram`] gives the exact mini-batch Gauss-Newton (Fisher)
 //!   quadratic forms `d_i^T F d_j` of a few directions, for quadratic models.
 //! * [`Rng`]: the seeded, serializable generator behind every random draw.
-//! * [`testing`]: the finite-difference gradient checker the tests of every crate use.
+//! * [`testing`]: the finite-difference gradient checker the tests of every crate use, and
+//!   their shared fixtures (scratch directories, a peak-memory counter).
 //! * [`io`]: safetensors files, written atomically and read with errors that say what is wrong.
 
 mod alloc;

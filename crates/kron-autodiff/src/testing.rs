@@ -3,6 +3,15 @@
 //! The checked function's output is reduced to a scalar with fixed random weights, so every
 //! output element's gradient is exercised; the analytic gradient from [`Tape::backward`] is
 //! compared element by element with central differences, with the loss accumulated in `f64`.
+//!
+//! Also the fixtures tests of several crates share: [`ScratchDir`], a temporary directory
+//! removed on drop, and [`CountingAlloc`], a global allocator that measures peak memory.
+
+mod counting_alloc;
+mod scratch;
+
+pub use counting_alloc::CountingAlloc;
+pub use scratch::ScratchDir;
 
 use crate::param::ParamStore;
 use crate::rng::Rng;

@@ -271,11 +271,22 @@ pub fn decompress<'a>(bytes: &'a [u8], name: &Path) -> Result<Cow<'a, [u8]>, Dat
 fn declared_len(head: &[u8]) -> Option<u64> {
     let dtype = IdxDtype::from_code(*head.get(2)?)?;
     let header_len = 4 + 4 * *head.get(3)? as usize;
-    head.get(4..header_len)?
+    file_len(dtype, &dims_of(head.get(4..header_len)?), header_len)
+}
+
+/// The dimensions held in a header's big-endian `u32`s (the bytes after the magic number).
+fn dims_of(header: &[u8]) -> Vec<usize> {
+    header
         .chunks_exact(4)
-        .try_fold(dtype.size() as u64, |acc, c| {
-            acc.checked_mul(u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as u64)
-        })?
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect()
+}
+
+/// The whole size of a file of `dims` elements of `dtype` after a `header_len`-byte header,
+/// if it fits in a `u64`.
+fn file_len(dtype: IdxDtype, dims: &[usize], header_len: usize) -> Option<u64> {
+    dims.iter()
+        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))?
         .checked_add(header_len as u64)
 }
 
@@ -382,16 +393,9 @@ fn parse_plain(bytes: &[u8], path: &Path) -> Result<IdxArray, DataError> {
     let Some(header) = bytes.get(4..header_len) else {
         return Err(truncated(header_len as u64));
     };
-    let dims: Vec<usize> = header
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
-    let payload = dims
-        .iter()
-        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-        .and_then(|p| p.checked_add(header_len as u64))
+    let dims = dims_of(header);
+    let expected = file_len(dtype, &dims, header_len)
         .ok_or_else(|| bad_header(format!("dimensions {dims:?} overflow")))?;
-    let expected = payload;
     let found = bytes.len() as u64;
     if found < expected {
         return Err(truncated(expected));
