@@ -58,7 +58,7 @@ fn kfac(stats: u64) -> impl FnOnce(&Workload) -> Box<dyn Optimizer> {
         let cfg = KfacConfig::default()
             .with_stats_period(stats)
             .with_inverse_period(PERIOD);
-        Box::new(Kfac::new(&w.model, &w.params, cfg))
+        Box::new(Kfac::new(&w.model, &w.params, cfg).expect("a valid configuration"))
     }
 }
 
@@ -73,7 +73,9 @@ fn kfac_step(c: &mut Criterion) {
     let runs: Vec<(&str, Run)> = vec![
         (
             "sgd x20",
-            Run::new(|w| Box::new(Sgd::new(&w.params, SgdConfig::new(0.01)))),
+            Run::new(|w| {
+                Box::new(Sgd::new(&w.params, SgdConfig::new(0.01)).expect("a valid configuration"))
+            }),
         ),
         ("kfac stats/1 inv/20 x20", Run::new(kfac(1))),
         ("kfac stats/10 inv/20 x20", Run::new(kfac(10))),

@@ -78,9 +78,9 @@ fn main() {
         let cfg = KfacConfig::default()
             .with_stats_period(1)
             .with_inverse_period(20);
-        Box::new(Kfac::new(&w.model, &w.params, cfg))
+        Box::new(Kfac::new(&w.model, &w.params, cfg).expect("a valid configuration"))
     } else {
-        Box::new(Sgd::new(&w.params, SgdConfig::new(0.01)))
+        Box::new(Sgd::new(&w.params, SgdConfig::new(0.01)).expect("a valid configuration"))
     };
     let mut rng = Rng::new(5);
     let mut step = |w: &mut Workload| {

@@ -299,12 +299,12 @@ fn kfac_table(rounds: usize) {
             let cfg = KfacConfig::default()
                 .with_stats_period(stats)
                 .with_inverse_period(PERIOD as u64);
-            Box::new(Kfac::new(&w.model, &w.params, cfg))
+            Box::new(Kfac::new(&w.model, &w.params, cfg).expect("a valid configuration"))
         }
     };
     let mut runs = vec![
         Run::new("SGD", |w| {
-            Box::new(Sgd::new(&w.params, SgdConfig::new(0.01)))
+            Box::new(Sgd::new(&w.params, SgdConfig::new(0.01)).expect("a valid configuration"))
         }),
         Run::new("KFAC stats/1", kfac(1)),
         Run::new("KFAC stats/10", kfac(10)),

@@ -34,7 +34,7 @@ pub fn train_digits(steps: usize) -> Trained {
     // The model and its parameters, initialized from their own stream.
     let mut params = ParamStore::new();
     let model = mlp(&mut params, &mut seed.fork(1), digits.train.features(), 10);
-    let mut opt = Adam::new(&params, AdamConfig::new(1e-3));
+    let mut opt = Adam::new(&params, AdamConfig::new(1e-3)).expect("a valid configuration");
 
     // Seeded batches (their own stream) and the training loop's generator.
     let mut batches = Batches::new(digits.train.len(), 32, seed.fork(2));
@@ -126,7 +126,7 @@ pub fn checkpoint_and_resume(path: &Path) -> Result<Resumed, Box<dyn Error>> {
     let seed = Rng::new(7);
     let mut params = ParamStore::new();
     let model = mlp(&mut params, &mut seed.fork(1), 64, 10);
-    let mut opt = Kfac::new(&model, &params, kfac_config());
+    let mut opt = Kfac::new(&model, &params, kfac_config())?;
     let mut batches = Batches::new(digits.train.len(), 32, seed.fork(2));
     let mut rng = seed.fork(3);
     train(
@@ -165,7 +165,7 @@ pub fn checkpoint_and_resume(path: &Path) -> Result<Resumed, Box<dyn Error>> {
     // values: the checkpoint overwrites them), then the saved state.
     let mut params2 = ParamStore::new();
     let model2 = mlp(&mut params2, &mut Rng::new(12345), 64, 10);
-    let mut opt2 = Kfac::new(&model2, &params2, kfac_config());
+    let mut opt2 = Kfac::new(&model2, &params2, kfac_config())?;
     let loaded = load_checkpoint(path, &mut params2, &mut opt2)?;
     let saved = serde_json::from_value(loaded.data.clone())?;
     let mut batches2 = Batches::resume(saved, digits.train.len())?;

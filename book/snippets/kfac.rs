@@ -31,7 +31,7 @@ fn run_digits(steps: usize, config: KfacConfig) -> KfacRun {
     let mut params = ParamStore::new();
     let model = mlp(&mut params, &mut seed.fork(1), 64, 10);
     // ANCHOR: construct
-    let mut opt = Kfac::new(&model, &params, config); // reads the model's Fisher blocks
+    let mut opt = Kfac::new(&model, &params, config).expect("a valid configuration"); // reads the model's Fisher blocks
     // ANCHOR_END: construct
     let mut batches = kron::data::Batches::new(digits.train.len(), 32, seed.fork(2));
     let mut rng = seed.fork(3);

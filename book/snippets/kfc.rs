@@ -40,7 +40,7 @@ pub fn kfc_run(steps: usize) -> KfcRun {
     let model = convnet(&mut params, &mut seed.fork(1), 1, 10);
     let blocks = model.fisher_blocks();
     let convs = blocks.iter().filter(|b| b.is_conv()).count();
-    let mut opt = Kfac::new(&model, &params, kfc_config());
+    let mut opt = Kfac::new(&model, &params, kfc_config()).expect("a valid configuration");
     let mut batches = Batches::new(data.train.len(), 32, seed.fork(2));
     let mut rng = seed.fork(3);
     let (mut captured, mut losses) = (vec![], vec![]);

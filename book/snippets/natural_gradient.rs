@@ -93,9 +93,11 @@ pub struct Race {
 pub fn race(steps: usize) -> Race {
     let (data, model, params) = problem();
     let (x, y) = (data.inputs(), data.targets());
-    let mut gd = Sgd::new(&params, SgdConfig::new(1.0));
-    let mut sampled = Kfac::new(&model, &params, natural_gradient(FisherKind::Sampled));
-    let mut empirical = Kfac::new(&model, &params, natural_gradient(FisherKind::Empirical));
+    let mut gd = Sgd::new(&params, SgdConfig::new(1.0)).expect("a valid configuration");
+    let mut sampled = Kfac::new(&model, &params, natural_gradient(FisherKind::Sampled))
+        .expect("a valid configuration");
+    let mut empirical = Kfac::new(&model, &params, natural_gradient(FisherKind::Empirical))
+        .expect("a valid configuration");
     Race {
         gd: losses(&model, params.clone(), &mut gd, x, y, steps),
         sampled: losses(&model, params.clone(), &mut sampled, x, y, steps),
@@ -130,8 +132,10 @@ pub fn invariance(steps: usize) -> Invariance {
     let mut params2 = params.clone();
     params2.set(w, params.get(w).scale(0.1));
 
-    let sgd = |p: &ParamStore| Sgd::new(p, SgdConfig::new(0.01));
-    let kfac = |p: &ParamStore| Kfac::new(&model, p, natural_gradient(FisherKind::Sampled));
+    let sgd = |p: &ParamStore| Sgd::new(p, SgdConfig::new(0.01)).expect("a valid configuration");
+    let kfac = |p: &ParamStore| {
+        Kfac::new(&model, p, natural_gradient(FisherKind::Sampled)).expect("a valid configuration")
+    };
     Invariance {
         sgd: losses(&model, params.clone(), &mut sgd(&params), x, y, steps),
         sgd_rescaled: losses(&model, params2.clone(), &mut sgd(&params2), &x2, y, steps),

@@ -244,25 +244,27 @@ pub fn default_optimizer(
     BackendKind,
 ) -> Result<Box<dyn Optimizer>, String> {
     move |kind, lr, model, params, backend| -> Result<Box<dyn Optimizer>, String> {
+        let e = |e: kron::optim::OptimError| e.to_string();
         Ok(match kind {
-            OptimizerKind::Sgd => Box::new(Sgd::new(
-                params,
-                SgdConfig::new(lr).with_momentum(0.9).with_nesterov(true),
-            )),
-            OptimizerKind::Adam => Box::new(Adam::new(params, AdamConfig::new(lr))),
+            OptimizerKind::Sgd => Box::new(
+                Sgd::new(
+                    params,
+                    SgdConfig::new(lr).with_momentum(0.9).with_nesterov(true),
+                )
+                .map_err(e)?,
+            ),
+            OptimizerKind::Adam => Box::new(Adam::new(params, AdamConfig::new(lr)).map_err(e)?),
             OptimizerKind::Kfac => {
                 let cfg = KfacConfig {
                     schedule: kron::optim::Schedule::constant(lr),
                     ..kfac
                 };
                 match backend {
-                    BackendKind::Cpu => Box::new(Kfac::new(model, params, cfg)),
-                    BackendKind::Wgpu => Box::new(Kfac::with_backend(
-                        model.fisher_blocks(),
-                        params,
-                        cfg,
-                        wgpu_backend()?,
-                    )),
+                    BackendKind::Cpu => Box::new(Kfac::new(model, params, cfg).map_err(e)?),
+                    BackendKind::Wgpu => Box::new(
+                        Kfac::with_backend(model.fisher_blocks(), params, cfg, wgpu_backend()?)
+                            .map_err(e)?,
+                    ),
                 }
             }
         })

@@ -248,7 +248,7 @@ fn mutated_files_never_panic_overallocate_or_change_the_model() {
     for seed in [1, 2] {
         let mut p = ParamStore::new();
         let m = model(&mut p, seed);
-        let mut opt = Kfac::new(&m, &p, KfacConfig::default().with_inverse_period(2));
+        let mut opt = Kfac::new(&m, &p, KfacConfig::default().with_inverse_period(2)).unwrap();
         let mut r = Rng::new(seed);
         for _ in 0..3 {
             let t = Targets::Classes(y.clone());
@@ -267,7 +267,7 @@ fn mutated_files_never_panic_overallocate_or_change_the_model() {
     let mut t = Tally::default();
     let mut p = ParamStore::new();
     let m = model(&mut p, 1);
-    let mut opt = Kfac::new(&m, &p, KfacConfig::default().with_inverse_period(2));
+    let mut opt = Kfac::new(&m, &p, KfacConfig::default().with_inverse_period(2)).unwrap();
     for i in 0..4000 {
         let input = mutate(MUTATIONS[i % 4], &saved, &mut rng);
         std::fs::write(&path, &input).unwrap();

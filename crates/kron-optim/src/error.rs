@@ -29,6 +29,23 @@ pub enum OptimError {
         /// What is wrong.
         detail: String,
     },
+    /// A configuration value is outside its range (found by the config's `validate()`, which
+    /// every constructor calls, or at a step, for a schedule's learning rate).
+    Config {
+        /// The field, as the config names it (for example `damping` or `schedule.base`).
+        field: String,
+        /// What is wrong with its value.
+        detail: String,
+    },
+    /// The step's update would have put NaN or an infinity into a parameter (an overflow, with
+    /// finite gradients and a valid configuration); the parameters and the optimizer's
+    /// buffers are as they were before the step.
+    NonFiniteUpdate {
+        /// The first parameter whose new value was not finite.
+        param: String,
+        /// The step's learning rate.
+        lr: f32,
+    },
 }
 
 impl fmt::Display for OptimError {
@@ -50,6 +67,12 @@ impl fmt::Display for OptimError {
                 "optimizer state tensor {name:?} has shape {found:?}, this model needs {expected:?}"
             ),
             OptimError::BadState { detail } => write!(f, "bad optimizer state: {detail}"),
+            OptimError::Config { field, detail } => write!(f, "configuration: {field} {detail}"),
+            OptimError::NonFiniteUpdate { param, lr } => write!(
+                f,
+                "the update of {param:?} overflowed to NaN or infinity (learning rate {lr}); \
+                 step refused, parameters unchanged"
+            ),
         }
     }
 }

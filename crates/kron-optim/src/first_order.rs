@@ -8,8 +8,69 @@ use kron_autodiff::{Gradients, ParamId, ParamStore, Tensor};
 use crate::error::OptimError;
 use crate::optimizer::{Captures, OptimState, Optimizer, StepReport, check_finite};
 use crate::schedule::Schedule;
+use crate::validate::{positive, step_lr};
 
 const PAR_MIN: usize = 1 << 14;
+
+/// The new `(p, v)` of one element under [`sgd_update`]'s rule (with `mu = 0`, `v` as it was).
+#[inline(always)]
+fn sgd_next(p: f32, g: f32, v: f32, r: &SgdRule) -> (f32, f32) {
+    let d = g + r.weight_decay * p;
+    if r.momentum == 0.0 {
+        return (p - r.lr * d, v);
+    }
+    let v = r.momentum * v + d;
+    (
+        p - r.lr * if r.nesterov { d + r.momentum * v } else { v },
+        v,
+    )
+}
+
+/// The scalars of one SGD update.
+#[derive(Clone, Copy, Debug)]
+struct SgdRule {
+    lr: f32,
+    momentum: f32,
+    nesterov: bool,
+    weight_decay: f32,
+}
+
+/// Whether every value `f` gives for the elements of `n`-long slices is finite: blocks
+/// without an early exit (so the loops vectorize), on rayon's threads for long slices.
+fn all_finite_by(n: usize, f: impl Fn(usize) -> bool + Sync) -> bool {
+    const BLOCK: usize = 4096;
+    let block = |b: usize| (b * BLOCK..(b * BLOCK + BLOCK).min(n)).fold(true, |ok, i| ok & f(i));
+    let blocks = n.div_ceil(BLOCK);
+    if n >= PAR_MIN {
+        (0..blocks).into_par_iter().all(block)
+    } else {
+        (0..blocks).all(block)
+    }
+}
+
+/// Whether [`sgd_update`] with these arguments would leave every element of `p` and `v`
+/// finite; reads only. Optimizers check this for every parameter before writing any, so an
+/// update that overflows changes nothing.
+pub fn sgd_update_is_finite(
+    p: &[f32],
+    g: &[f32],
+    v: &[f32],
+    lr: f32,
+    momentum: f32,
+    nesterov: bool,
+    weight_decay: f32,
+) -> bool {
+    let r = SgdRule {
+        lr,
+        momentum,
+        nesterov,
+        weight_decay,
+    };
+    all_finite_by(p.len(), |i| {
+        let (p, v) = sgd_next(p[i], g[i], v[i], &r);
+        p.is_finite() & v.is_finite()
+    })
+}
 
 /// One SGD-with-momentum update of a parameter, in PyTorch's form:
 /// `d = g + wd p; v = mu v + d; p -= lr (nesterov ? d + mu v : v)`. With `mu = 0` the velocity
@@ -23,14 +84,14 @@ pub fn sgd_update(
     nesterov: bool,
     weight_decay: f32,
 ) {
+    let r = SgdRule {
+        lr,
+        momentum,
+        nesterov,
+        weight_decay,
+    };
     let f = |(p, (g, v)): (&mut f32, (&f32, &mut f32))| {
-        let d = g + weight_decay * *p;
-        if momentum == 0.0 {
-            *p -= lr * d;
-            return;
-        }
-        *v = momentum * *v + d;
-        *p -= lr * if nesterov { d + momentum * *v } else { *v };
+        (*p, *v) = sgd_next(*p, *g, *v, &r);
     };
     if p.len() >= PAR_MIN {
         p.par_iter_mut()
@@ -151,13 +212,17 @@ pub struct Sgd {
 
 impl Sgd {
     /// SGD over every parameter of `store`.
-    pub fn new(store: &ParamStore, config: SgdConfig) -> Self {
+    ///
+    /// # Errors
+    /// [`OptimError::Config`], naming the field, if `config` fails [`SgdConfig::validate`].
+    pub fn new(store: &ParamStore, config: SgdConfig) -> Result<Self, OptimError> {
+        config.validate()?;
         let ids: Vec<ParamId> = store.ids().collect();
-        Sgd {
+        Ok(Sgd {
             config,
             velocity: Slots::zeros(store, &ids),
             step: 0,
-        }
+        })
     }
 
     /// The configuration.
@@ -183,8 +248,19 @@ impl Optimizer for Sgd {
     ) -> Result<StepReport, OptimError> {
         check_finite(params, grads)?;
         let t0 = std::time::Instant::now();
-        let lr = self.config.schedule.lr(self.step);
+        let lr = step_lr(&self.config.schedule, self.step)?;
         let c = self.config;
+        // Every parameter's update is checked before any is written.
+        for (i, &id) in self.velocity.ids.iter().enumerate() {
+            let Some(g) = grads.get(id) else { continue };
+            let (p, v) = (params.get(id).data(), self.velocity.bufs[i].data());
+            if !sgd_update_is_finite(p, g.data(), v, lr, c.momentum, c.nesterov, c.weight_decay) {
+                return Err(OptimError::NonFiniteUpdate {
+                    param: params.name(id).to_string(),
+                    lr,
+                });
+            }
+        }
         for (i, &id) in self.velocity.ids.iter().enumerate() {
             let Some(g) = grads.get(id) else { continue };
             let v = self.velocity.bufs[i].data_mut();
@@ -212,8 +288,10 @@ impl Optimizer for Sgd {
         self.config.schedule.base
     }
 
-    fn set_learning_rate(&mut self, lr: f32) {
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), OptimError> {
+        positive("learning rate", lr)?;
         self.config.schedule.base = lr;
+        Ok(())
     }
 
     fn state(&self) -> OptimState {
@@ -237,6 +315,7 @@ impl Optimizer for Sgd {
                 detail: format!("state of {:?}, not sgd", meta.kind),
             });
         }
+        meta.config.validate()?;
         let velocity = self.velocity.import("sgd.velocity", &mut state)?;
         self.velocity = velocity;
         self.config = meta.config;
@@ -317,6 +396,37 @@ impl AdamConfig {
     }
 }
 
+/// The scalars of one Adam step.
+#[derive(Clone, Copy, Debug)]
+struct AdamRule {
+    c: AdamConfig,
+    lr: f32,
+    /// Bias corrections `1 - beta^t`.
+    bc1: f32,
+    bc2: f32,
+}
+
+impl AdamRule {
+    /// The new `(p, m, v)` of one element.
+    #[inline(always)]
+    fn next(&self, mut p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let (c, lr) = (&self.c, self.lr);
+        let mut g = g;
+        if c.decoupled {
+            p -= lr * c.weight_decay * p;
+        } else {
+            g += c.weight_decay * p;
+        }
+        let m = c.beta1 * m + (1.0 - c.beta1) * g;
+        let v = c.beta2 * v + (1.0 - c.beta2) * g * g;
+        (
+            p - lr * (m / self.bc1) / ((v / self.bc2).sqrt() + c.eps),
+            m,
+            v,
+        )
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct AdamMeta {
     kind: String,
@@ -325,6 +435,7 @@ struct AdamMeta {
 }
 
 /// Adam (Kingma & Ba 2015), and AdamW with decoupled weight decay.
+#[derive(Clone)]
 pub struct Adam {
     config: AdamConfig,
     m: Slots,
@@ -334,14 +445,18 @@ pub struct Adam {
 
 impl Adam {
     /// Adam over every parameter of `store`.
-    pub fn new(store: &ParamStore, config: AdamConfig) -> Self {
+    ///
+    /// # Errors
+    /// [`OptimError::Config`], naming the field, if `config` fails [`AdamConfig::validate`].
+    pub fn new(store: &ParamStore, config: AdamConfig) -> Result<Self, OptimError> {
+        config.validate()?;
         let ids: Vec<ParamId> = store.ids().collect();
-        Adam {
+        Ok(Adam {
             config,
             m: Slots::zeros(store, &ids),
             v: Slots::zeros(store, &ids),
             step: 0,
-        }
+        })
     }
 
     /// A fresh Adam (zero moments, step 0) over the same parameters as `other`.
@@ -386,25 +501,37 @@ impl Optimizer for Adam {
         check_finite(params, grads)?;
         let t0 = std::time::Instant::now();
         let c = self.config;
-        let lr = c.schedule.lr(self.step);
+        let lr = step_lr(&c.schedule, self.step)?;
         let t = (self.step + 1) as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
+        let rule = AdamRule {
+            c,
+            lr,
+            bc1: 1.0 - c.beta1.powi(t),
+            bc2: 1.0 - c.beta2.powi(t),
+        };
+        // Every parameter's update is checked before any is written.
+        for (i, &id) in self.m.ids.iter().enumerate() {
+            let Some(g) = grads.get(id) else { continue };
+            let (p, g) = (params.get(id).data(), g.data());
+            let (m, v) = (self.m.bufs[i].data(), self.v.bufs[i].data());
+            let finite = all_finite_by(p.len(), |j| {
+                let (p, m, v) = rule.next(p[j], g[j], m[j], v[j]);
+                p.is_finite() & m.is_finite() & v.is_finite()
+            });
+            if !finite {
+                return Err(OptimError::NonFiniteUpdate {
+                    param: params.name(id).to_string(),
+                    lr,
+                });
+            }
+        }
         for (i, &id) in self.m.ids.iter().enumerate() {
             let Some(g) = grads.get(id) else { continue };
             let m = self.m.bufs[i].data_mut();
             let v = self.v.bufs[i].data_mut();
             let p = params.get_mut(id).data_mut();
             let f = |(p, (g, (m, v))): (&mut f32, (&f32, (&mut f32, &mut f32)))| {
-                let mut g = *g;
-                if c.decoupled {
-                    *p -= lr * c.weight_decay * *p;
-                } else {
-                    g += c.weight_decay * *p;
-                }
-                *m = c.beta1 * *m + (1.0 - c.beta1) * g;
-                *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
-                *p -= lr * (*m / bc1) / ((*v / bc2).sqrt() + c.eps);
+                (*p, *m, *v) = rule.next(*p, *g, *m, *v);
             };
             if p.len() >= PAR_MIN {
                 p.par_iter_mut()
@@ -435,8 +562,10 @@ impl Optimizer for Adam {
         self.config.schedule.base
     }
 
-    fn set_learning_rate(&mut self, lr: f32) {
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), OptimError> {
+        positive("learning rate", lr)?;
         self.config.schedule.base = lr;
+        Ok(())
     }
 
     fn state(&self) -> OptimState {
@@ -461,6 +590,7 @@ impl Optimizer for Adam {
                 detail: format!("state of {:?}, not adam", meta.kind),
             });
         }
+        meta.config.validate()?;
         let m = self.m.import("adam.m", &mut state)?;
         let v = self.v.import("adam.v", &mut state)?;
         self.m = m;

@@ -6,7 +6,10 @@
 //!
 //! Every optimizer exports its state ([`Optimizer::state`]) as named tensors and JSON, so a
 //! run resumes from a checkpoint with the same bits, and refuses a step whose gradients hold
-//! NaN or infinity without changing anything.
+//! NaN or infinity without changing anything. Every configuration has a `validate()` that the
+//! constructors call (an [`OptimError::Config`] names the field), and a step whose update
+//! would overflow a parameter is refused ([`OptimError::NonFiniteUpdate`]) with the
+//! parameters unchanged.
 
 pub mod backend;
 mod curvature;
@@ -15,11 +18,12 @@ mod first_order;
 mod kfac;
 mod optimizer;
 mod schedule;
+mod validate;
 
 pub use backend::{Backend, CpuBackend, Precision};
 pub use curvature::{CurvatureProducts, TapeCurvature};
 pub use error::OptimError;
-pub use first_order::{Adam, AdamConfig, Sgd, SgdConfig, sgd_update};
+pub use first_order::{Adam, AdamConfig, Sgd, SgdConfig, sgd_update, sgd_update_is_finite};
 pub use kfac::{
     EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt, StepRule,
 };

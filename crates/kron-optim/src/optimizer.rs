@@ -151,7 +151,10 @@ pub trait Optimizer: Send {
     fn learning_rate(&self) -> f32;
 
     /// Sets the base learning rate.
-    fn set_learning_rate(&mut self, lr: f32);
+    ///
+    /// # Errors
+    /// [`OptimError::Config`] unless `lr` is finite and above 0; the rate is then unchanged.
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), OptimError>;
 
     /// The state to checkpoint.
     fn state(&self) -> OptimState;

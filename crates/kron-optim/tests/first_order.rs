@@ -24,7 +24,7 @@ fn sgd_nesterov_weight_decay_matches_the_formula() {
         .with_momentum(0.9)
         .with_nesterov(true)
         .with_weight_decay(0.01);
-    let mut opt = Sgd::new(&p, cfg);
+    let mut opt = Sgd::new(&p, cfg).unwrap();
     let gs = [[0.5, -1.0, 2.0, 0.1], [0.4, 0.3, -0.2, 0.0]];
     // Reference in f64.
     let mut x: Vec<f64> = vec![1.0, -2.0, 0.5, 0.25];
@@ -59,7 +59,7 @@ fn adam_and_adamw_match_the_formula() {
     for decoupled in [false, true] {
         let mut p = store();
         let cfg = AdamConfig::new(0.01).with_weight_decay(0.1, decoupled);
-        let mut opt = Adam::new(&p, cfg);
+        let mut opt = Adam::new(&p, cfg).unwrap();
         let gs = [
             [0.5, -1.0, 2.0, 0.1],
             [0.4, 0.3, -0.2, 0.0],
@@ -102,9 +102,9 @@ fn non_finite_gradients_are_refused_and_change_nothing() {
     for opt in [0, 1] {
         let mut p = store();
         let mut o: Box<dyn Optimizer> = if opt == 0 {
-            Box::new(Sgd::new(&p, SgdConfig::new(0.1).with_momentum(0.9)))
+            Box::new(Sgd::new(&p, SgdConfig::new(0.1).with_momentum(0.9)).unwrap())
         } else {
-            Box::new(Adam::new(&p, AdamConfig::default()))
+            Box::new(Adam::new(&p, AdamConfig::default()).unwrap())
         };
         o.step(&mut p, &grads([1.0, 1.0, 1.0, 1.0]), &Captures::new())
             .unwrap();
@@ -124,11 +124,11 @@ fn non_finite_gradients_are_refused_and_change_nothing() {
 #[test]
 fn state_round_trip_and_mismatch() {
     let mut p = store();
-    let mut a = Adam::new(&p, AdamConfig::default());
+    let mut a = Adam::new(&p, AdamConfig::default()).unwrap();
     a.step(&mut p, &grads([1.0, 2.0, 3.0, 4.0]), &Captures::new())
         .unwrap();
     let s = a.state();
-    let mut b = Adam::new(&p, AdamConfig::new(0.5));
+    let mut b = Adam::new(&p, AdamConfig::new(0.5)).unwrap();
     b.load_state(s.clone()).unwrap();
     assert_eq!(b.state(), s);
     assert_eq!(b.steps_taken(), 1);
@@ -137,7 +137,7 @@ fn state_round_trip_and_mismatch() {
     let mut q = ParamStore::new();
     q.add("w", Tensor::zeros(&[4]));
     q.add("b", Tensor::zeros(&[1]));
-    let mut c = Adam::new(&q, AdamConfig::default());
+    let mut c = Adam::new(&q, AdamConfig::default()).unwrap();
     let before = c.state();
     let err = c.load_state(s.clone()).unwrap_err();
     assert!(
@@ -147,9 +147,79 @@ fn state_round_trip_and_mismatch() {
     assert_eq!(c.state(), before);
 
     // Another optimizer's state is refused.
-    let mut sgd = Sgd::new(&p, SgdConfig::default());
+    let mut sgd = Sgd::new(&p, SgdConfig::default()).unwrap();
     assert!(matches!(
         sgd.load_state(s),
         Err(OptimError::BadState { .. })
     ));
+}
+
+/// Every constructor validates its configuration and names the field; `set_learning_rate`
+/// refuses what the constructor would.
+#[test]
+fn invalid_configurations_are_refused_naming_the_field() {
+    let p = store();
+    let field = |e: OptimError| match e {
+        OptimError::Config { field, .. } => field,
+        other => panic!("{other:?}"),
+    };
+    let e = Sgd::new(&p, SgdConfig::new(f32::NAN)).err().unwrap();
+    assert!(field(e).contains("learning rate"));
+    let e = Sgd::new(&p, SgdConfig::new(0.1).with_momentum(-0.5))
+        .err()
+        .unwrap();
+    assert_eq!(field(e), "momentum");
+    let e = Adam::new(&p, AdamConfig::new(-1e-3)).err().unwrap();
+    assert!(field(e).contains("learning rate"));
+    let e = Adam::new(&p, AdamConfig::default().with_betas(0.9, 1.0))
+        .err()
+        .unwrap();
+    assert_eq!(field(e), "beta2");
+    let mut opt = Sgd::new(&p, SgdConfig::new(0.1)).unwrap();
+    for lr in [f32::NAN, f32::INFINITY, 0.0, -1.0] {
+        assert!(opt.set_learning_rate(lr).is_err(), "{lr}");
+    }
+    assert_eq!(opt.learning_rate(), 0.1);
+}
+
+/// An update that overflows (finite gradients, a finite but huge learning rate) is refused
+/// before any parameter is written: the parameters and the velocity or moments are as they
+/// were, and the error names the update and the parameter, not the gradient.
+#[test]
+fn an_overflowing_update_is_refused_and_changes_nothing() {
+    let g = grads([1e3, -1e3, 1e3, 1.0]);
+    let sgd: Box<dyn Optimizer> =
+        Box::new(Sgd::new(&store(), SgdConfig::new(1e37).with_momentum(0.9)).unwrap());
+    let adam: Box<dyn Optimizer> = Box::new(Adam::new(&store(), AdamConfig::new(3e38)).unwrap());
+    for mut opt in [sgd, adam] {
+        let mut p = store();
+        // A finite first step at a sane rate, so the velocity or moments are not zero.
+        opt.set_learning_rate(1e-3).unwrap();
+        opt.step(&mut p, &grads([0.1, 0.2, 0.3, 0.4]), &Captures::new())
+            .unwrap();
+        opt.set_learning_rate(if opt.name() == "sgd" { 1e37 } else { 3e38 })
+            .unwrap();
+        let (p0, s0) = (p.clone(), opt.state());
+        let e = opt.step(&mut p, &g, &Captures::new()).unwrap_err();
+        match &e {
+            OptimError::NonFiniteUpdate { param, .. } => assert_eq!(param, "w"),
+            other => panic!("{}: {other:?}", opt.name()),
+        }
+        assert!(e.to_string().contains("update"), "{e}");
+        assert_eq!(p, p0, "{}", opt.name());
+        assert_eq!(opt.state(), s0, "{}", opt.name());
+    }
+}
+
+/// A saved state whose configuration is out of range is refused naming the field, and the
+/// optimizer is left as it was.
+#[test]
+fn a_state_with_an_invalid_configuration_is_refused() {
+    let p = store();
+    let mut opt = Sgd::new(&p, SgdConfig::new(0.1)).unwrap();
+    let mut s = opt.state();
+    s.meta["config"]["momentum"] = serde_json::json!(-3.0);
+    let e = opt.load_state(s).unwrap_err();
+    assert!(e.to_string().contains("momentum"), "{e}");
+    assert_eq!(opt.config().momentum, 0.0);
 }

@@ -8,7 +8,7 @@ use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
 use kron_optim::backend::{Eigh, Inverse, LinalgError, Mat};
 use kron_optim::{
     Backend, Captures, CpuBackend, CurvatureProducts, EigenDamping, FisherKind, InverseMethod,
-    Kfac, KfacConfig, Optimizer, Precision, StepReport, StepRule, TapeCurvature,
+    Kfac, KfacConfig, OptimError, Optimizer, Precision, StepReport, StepRule, TapeCurvature,
 };
 
 /// Solves `m x = b` (dense, f64) by Gaussian elimination with partial pivoting.
@@ -128,7 +128,8 @@ fn factors_equal_their_definitions_dense_and_conv() {
             &net.model,
             &net.store,
             empirical(KfacConfig::default()).with_conv_stats_period(1),
-        );
+        )
+        .unwrap();
         let y: Vec<usize> = (0..x.dim(0)).map(|i| i % 2).collect();
         let (g, caps) = backward(&net, &kfac, &x, &y);
         kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -201,7 +202,7 @@ fn preconditioned_update_equals_dense_solve_with_the_damped_kronecker_product() 
                 .with_method(method)
                 .with_conv_stats_period(1)
                 .with_precision(Precision::F64);
-            let mut kfac = Kfac::new(&net.model, &net.store, cfg);
+            let mut kfac = Kfac::new(&net.model, &net.store, cfg).unwrap();
             let y: Vec<usize> = (0..x.dim(0)).map(|i| (i * 7) % 2).collect();
             let (g, caps) = backward(&net, &kfac, &x, &y);
             kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -249,7 +250,8 @@ fn inverse_and_factored_eigenbasis_paths_agree() {
             &net.model,
             &net.store,
             empirical(KfacConfig::default()).with_method(method),
-        );
+        )
+        .unwrap();
         for _ in 0..3 {
             let (g, caps) = backward(&net, &kfac, &x, &y);
             kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -277,7 +279,7 @@ fn kfac_on_one_linear_layer_with_squared_loss_is_the_natural_gradient() {
     let cfg = KfacConfig::default()
         .with_damping(lambda)
         .with_kl_clip(None);
-    let mut kfac = Kfac::new(&model, &store, cfg);
+    let mut kfac = Kfac::new(&model, &store, cfg).unwrap();
     let mut loop_rng = Rng::new(12);
     // One step through the real training-step machinery (sampled labels, second backward).
     let out = {
@@ -340,7 +342,8 @@ fn f32_and_f64_statistics_agree() {
             empirical(KfacConfig::default())
                 .with_precision(p)
                 .with_inverse_period(2),
-        );
+        )
+        .unwrap();
         for _ in 0..5 {
             let (g, caps) = backward(&net, &kfac, &x, &y);
             kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -355,7 +358,7 @@ fn f32_and_f64_statistics_agree() {
 #[test]
 fn non_finite_gradients_are_refused_and_non_finite_captures_skipped() {
     let mut net = mlp(9);
-    let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default()));
+    let mut kfac = Kfac::new(&net.model, &net.store, empirical(KfacConfig::default())).unwrap();
     let x = Tensor::randn(&[4, 3], 0.0, 1.0, &mut Rng::new(1));
     let y = vec![0, 1, 0, 1];
     let (g, caps) = backward(&net, &kfac, &x, &y);
@@ -468,7 +471,7 @@ fn failed_refresh_keeps_fallback_then_retries_with_more_damping() {
     let cfg = empirical(KfacConfig::default())
         .with_inverse_period(1)
         .with_momentum(0.0);
-    let mut kfac = Kfac::with_backend(model.fisher_blocks(), &store, cfg, be);
+    let mut kfac = Kfac::with_backend(model.fisher_blocks(), &store, cfg, be).unwrap();
     let net = Net {
         store: store.clone(),
         model,
@@ -525,13 +528,14 @@ fn state_round_trip_restores_everything() {
             &net.model,
             &net.store,
             empirical(KfacConfig::default()).with_method(method),
-        );
+        )
+        .unwrap();
         for _ in 0..2 {
             let (g, caps) = backward(&net, &kfac, &x, &y);
             kfac.step(&mut net.store, &g, &caps).unwrap();
         }
         let st = kfac.state();
-        let mut other = Kfac::new(&net.model, &net.store, KfacConfig::default());
+        let mut other = Kfac::new(&net.model, &net.store, KfacConfig::default()).unwrap();
         other.load_state(st.clone()).unwrap();
         assert_eq!(other.state(), st);
         let v = Tensor::randn(&[4, 4], 0.0, 1.0, &mut Rng::new(2));
@@ -591,7 +595,7 @@ fn quadratic_model_step_minimizes_the_exact_model_in_its_plane() {
         .with_inverse_period(1)
         .with_damping(0.05)
         .with_weight_decay(wd);
-    let mut kfac = Kfac::new(&net.model, &net.store, cfg);
+    let mut kfac = Kfac::new(&net.model, &net.store, cfg).unwrap();
     assert!(kfac.wants().products);
     let x = Tensor::randn(&[12, 3], 0.0, 1.0, &mut Rng::new(8));
     let y: Vec<usize> = (0..12).map(|i| (i * 7) % 2).collect();
@@ -653,7 +657,7 @@ fn a_broken_quadratic_model_moves_nothing_and_says_so() {
     let cfg = empirical(KfacConfig::default())
         .with_step_rule(StepRule::QuadraticModel)
         .with_inverse_period(1);
-    let mut kfac = Kfac::new(&net.model, &net.store, cfg);
+    let mut kfac = Kfac::new(&net.model, &net.store, cfg).unwrap();
     let x = Tensor::randn(&[6, 3], 0.0, 1.0, &mut Rng::new(2));
     let y = [0usize, 1, 0, 1, 1, 0];
     let (g, c) = backward(&net, &kfac, &x, &y);
@@ -683,4 +687,55 @@ fn a_broken_quadratic_model_moves_nothing_and_says_so() {
         assert!(r.lr > 0.0);
     }
     assert!(loss(&net) < start, "{} -> {}", start, loss(&net));
+}
+
+/// KFAC's constructor validates its configuration (damping 0 or NaN, a NaN learning rate, a
+/// negative KL clip are refused naming the field), and an update that overflows is refused
+/// with the parameters and the velocity as they were. (The quadratic-model rule chooses its
+/// own step size, so its steps do not overflow this way; it commits through the same guard.)
+#[test]
+fn kfac_refuses_invalid_configurations_and_overflowing_updates() {
+    let net = mlp(4);
+    for (cfg, want) in [
+        (KfacConfig::default().with_damping(0.0), "damping"),
+        (KfacConfig::default().with_damping(f32::NAN), "damping"),
+        (KfacConfig::new(f32::NAN), "learning rate"),
+        (KfacConfig::default().with_kl_clip(Some(-1.0)), "kl_clip"),
+    ] {
+        let e = Kfac::new(&net.model, &net.store, cfg).err().unwrap();
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    let x = Tensor::randn(&[4, 3], 0.0, 1.0, &mut Rng::new(1));
+    let y = vec![0, 1, 0, 1];
+    {
+        let rule = StepRule::Sgd;
+        let mut net = mlp(4);
+        let cfg = empirical(KfacConfig::new(1e-2).with_inverse_period(1)).with_step_rule(rule);
+        let mut kfac = Kfac::new(&net.model, &net.store, cfg).unwrap();
+        let (g, caps) = backward(&net, &kfac, &x, &y);
+        kfac.step(&mut net.store, &g, &caps).unwrap();
+        // Gradients so large that any step overflows.
+        let (g, caps) = backward(&net, &kfac, &x, &y);
+        let huge: Vec<Option<Tensor>> = net
+            .store
+            .ids()
+            .map(|id| g.get(id).map(|t| t.scale(1e36)))
+            .collect();
+        kfac.set_learning_rate(3e38).unwrap();
+        let (p0, v0) = (net.store.clone(), kfac.state().tensors);
+        let e = kfac
+            .step(&mut net.store, &Gradients::from_params(huge), &caps)
+            .unwrap_err();
+        assert!(
+            matches!(e, OptimError::NonFiniteUpdate { .. }),
+            "{rule:?}: {e:?}"
+        );
+        assert_eq!(net.store, p0, "{rule:?}");
+        let v1 = kfac.state().tensors;
+        for (name, t) in &v0 {
+            if name.contains("velocity") {
+                assert_eq!(Some(t), v1.get(name), "{rule:?}: {name}");
+            }
+        }
+    }
 }

@@ -544,7 +544,7 @@ fn twin_runs(
         } else {
             Box::new(CpuBackend::new(Precision::F32))
         };
-        let mut kfac = Kfac::with_backend(net.model.fisher_blocks(), &net.store, cfg, be);
+        let mut kfac = Kfac::with_backend(net.model.fisher_blocks(), &net.store, cfg, be).unwrap();
         for _ in 0..5 {
             let (g, caps) = backward(&net, &kfac, x, &y);
             let r = kfac.step(&mut net.store, &g, &caps).unwrap();

@@ -33,42 +33,51 @@ fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
     let mut dummy = ParamStore::new();
     let blocks = model(&mut dummy, 0).fisher_blocks();
     match kind {
-        "sgd" => Box::new(Sgd::new(store, SgdConfig::new(0.1).with_momentum(0.9))),
-        "kfac" => Box::new(Kfac::with_backend(
-            blocks,
-            store,
-            KfacConfig::default().with_inverse_period(2),
-            Box::new(kron::optim::CpuBackend::default()),
-        )),
-        "kfac-eigen-lm" => Box::new(Kfac::with_backend(
-            blocks,
-            store,
-            KfacConfig::default()
-                .with_inverse_period(2)
-                .with_method(InverseMethod::Eigen(EigenDamping::Tikhonov))
-                .with_adaptive_damping(Some(LevenbergMarquardt {
-                    interval: 2,
-                    ..Default::default()
-                }))
-                .with_fallback(Fallback::Adam(AdamConfig::default())),
-            Box::new(kron::optim::CpuBackend::default()),
-        )),
-        "kfac-quadratic-lm" => Box::new(Kfac::with_backend(
-            blocks,
-            store,
-            KfacConfig::default()
-                .with_inverse_period(3)
-                .with_step_rule(StepRule::QuadraticModel)
-                .with_curvature_examples(Some(4))
-                .with_damping(0.1)
-                .with_weight_decay(1e-4)
-                .with_adaptive_damping(Some(LevenbergMarquardt {
-                    interval: 2,
-                    ..Default::default()
-                })),
-            Box::new(kron::optim::CpuBackend::default()),
-        )),
-        _ => Box::new(Adam::new(store, AdamConfig::new(0.01))),
+        "sgd" => Box::new(Sgd::new(store, SgdConfig::new(0.1).with_momentum(0.9)).unwrap()),
+        "kfac" => Box::new(
+            Kfac::with_backend(
+                blocks,
+                store,
+                KfacConfig::default().with_inverse_period(2),
+                Box::new(kron::optim::CpuBackend::default()),
+            )
+            .unwrap(),
+        ),
+        "kfac-eigen-lm" => Box::new(
+            Kfac::with_backend(
+                blocks,
+                store,
+                KfacConfig::default()
+                    .with_inverse_period(2)
+                    .with_method(InverseMethod::Eigen(EigenDamping::Tikhonov))
+                    .with_adaptive_damping(Some(LevenbergMarquardt {
+                        interval: 2,
+                        ..Default::default()
+                    }))
+                    .with_fallback(Fallback::Adam(AdamConfig::default())),
+                Box::new(kron::optim::CpuBackend::default()),
+            )
+            .unwrap(),
+        ),
+        "kfac-quadratic-lm" => Box::new(
+            Kfac::with_backend(
+                blocks,
+                store,
+                KfacConfig::default()
+                    .with_inverse_period(3)
+                    .with_step_rule(StepRule::QuadraticModel)
+                    .with_curvature_examples(Some(4))
+                    .with_damping(0.1)
+                    .with_weight_decay(1e-4)
+                    .with_adaptive_damping(Some(LevenbergMarquardt {
+                        interval: 2,
+                        ..Default::default()
+                    })),
+                Box::new(kron::optim::CpuBackend::default()),
+            )
+            .unwrap(),
+        ),
+        _ => Box::new(Adam::new(store, AdamConfig::new(0.01)).unwrap()),
     }
 }
 
@@ -284,4 +293,56 @@ fn resume_mid_epoch_with_the_batch_iterator() {
     assert_eq!(p3, p1);
     assert_eq!(o3.state(), o1.state());
     assert_eq!(b3.state(), b1.state());
+}
+
+/// A checkpoint never holds a configuration it cannot load: a non-finite learning rate or
+/// damping is refused when the optimizer is built or the rate is set (JSON would have written
+/// it as `null`), and what an optimizer can hold saves and loads back unchanged.
+#[test]
+fn no_checkpoint_is_saved_that_cannot_be_loaded() {
+    use kron::optim::{Kfac, KfacConfig};
+    let mut p = ParamStore::new();
+    let m = model(&mut p, 1);
+    for cfg in [
+        KfacConfig::new(f32::NAN),
+        KfacConfig::default().with_damping(f32::INFINITY),
+        KfacConfig::default().with_kl_clip(Some(f32::NAN)),
+    ] {
+        assert!(Kfac::new(&m, &p, cfg).is_err(), "{cfg:?}");
+    }
+    let mut opt = Kfac::new(&m, &p, KfacConfig::new(0.05).with_damping(0.3)).unwrap();
+    assert!(opt.set_learning_rate(f32::NAN).is_err());
+    let path = temp("no-null.safetensors");
+    let st = TrainState {
+        step: 0,
+        rng: Rng::new(1),
+        data: serde_json::json!(null),
+    };
+    save_checkpoint(&path, &p, &opt, &st).unwrap();
+    let mut p2 = ParamStore::new();
+    let m2 = model(&mut p2, 2);
+    let mut opt2 = Kfac::new(&m2, &p2, KfacConfig::default()).unwrap();
+    load_checkpoint(&path, &mut p2, &mut opt2).unwrap();
+    assert_eq!(opt2.learning_rate(), 0.05);
+    assert_eq!(opt2.config().damping, 0.3);
+    assert_eq!(opt2.state(), opt.state());
+}
+
+/// An empty dataset is evaluated without a panic: no mean, so the loss is NaN and there is no
+/// accuracy; `predict` gives an empty tensor.
+#[test]
+fn an_empty_dataset_evaluates_without_a_panic() {
+    let mut p = ParamStore::new();
+    let m = model(&mut p, 1);
+    let x = Tensor::zeros(&[0, 6]);
+    assert_eq!(predict(&m, &p, &x, 16).numel(), 0);
+    let e = evaluate(
+        &m,
+        &p,
+        LossKind::CrossEntropy,
+        &x,
+        &Targets::Classes(vec![]),
+        16,
+    );
+    assert!(e.loss.is_nan() && e.accuracy.is_none(), "{e:?}");
 }

@@ -17,6 +17,7 @@ use crate::curvature::CurvatureProducts;
 use crate::error::OptimError;
 use crate::first_order::{Adam, Slots, sgd_update};
 use crate::optimizer::{Captures, OptimState, Optimizer, StepReport, Wants, check_finite};
+use crate::validate::{positive, step_lr};
 
 use block::{BlockState, Precond};
 pub use config::{EigenDamping, Fallback, InverseMethod, KfacConfig, LevenbergMarquardt, StepRule};
@@ -72,18 +73,29 @@ struct BlockMeta {
 
 impl Kfac {
     /// KFAC over `model`'s Fisher blocks, on the CPU backend.
-    pub fn new(model: &dyn Module, params: &ParamStore, config: KfacConfig) -> Self {
+    ///
+    /// # Errors
+    /// [`OptimError::Config`], naming the field, if `config` fails [`KfacConfig::validate`].
+    pub fn new(
+        model: &dyn Module,
+        params: &ParamStore,
+        config: KfacConfig,
+    ) -> Result<Self, OptimError> {
         let be = Box::new(CpuBackend::new(config.precision));
         Self::with_backend(model.fisher_blocks(), params, config, be)
     }
 
     /// KFAC over the given blocks, with the matrix math on `backend`.
+    ///
+    /// # Errors
+    /// [`OptimError::Config`], naming the field, if `config` fails [`KfacConfig::validate`].
     pub fn with_backend(
         blocks: Vec<FisherBlock>,
         params: &ParamStore,
         config: KfacConfig,
         backend: Box<dyn Backend>,
-    ) -> Self {
+    ) -> Result<Self, OptimError> {
+        config.validate()?;
         let ids: Vec<ParamId> = params.ids().collect();
         let slot_of = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
         let in_blocks: Vec<ParamId> = blocks
@@ -96,10 +108,10 @@ impl Kfac {
             .filter(|i| !in_blocks.contains(i))
             .collect();
         let adam = match config.fallback {
-            Fallback::Adam(c) => Some(Adam::new(params, c)),
+            Fallback::Adam(c) => Some(Adam::new(params, c)?),
             Fallback::Sgd => None,
         };
-        Kfac {
+        Ok(Kfac {
             damping: config.damping,
             config,
             backend,
@@ -111,7 +123,7 @@ impl Kfac {
             step: 0,
             predicted: None,
             last_rho: None,
-        }
+        })
     }
 
     /// The configuration.
@@ -243,8 +255,10 @@ impl Optimizer for Kfac {
         self.config.schedule.base
     }
 
-    fn set_learning_rate(&mut self, lr: f32) {
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), OptimError> {
+        positive("learning rate", lr)?;
         self.config.schedule.base = lr;
+        Ok(())
     }
 
     fn state(&self) -> OptimState {
@@ -315,6 +329,8 @@ impl Optimizer for Kfac {
         if meta.kind != "kfac" {
             return Err(bad(format!("state of {:?}, not kfac", meta.kind)));
         }
+        meta.config.validate()?;
+        positive("damping (adapted)", meta.damping)?;
         if meta.blocks.len() != self.blocks.len() {
             return Err(bad(format!(
                 "{} Fisher blocks saved, this model has {}",
@@ -417,8 +433,8 @@ impl Kfac {
     ) -> Result<StepReport, OptimError> {
         check_finite(params, grads)?;
         let cfg = self.config;
+        let lr = step_lr(&cfg.schedule, self.step)?;
         let be = self.backend.as_ref();
-        let lr = cfg.schedule.lr(self.step);
         let mut report = StepReport {
             step: self.step,
             lr,
@@ -508,7 +524,9 @@ impl Kfac {
             .collect();
 
         if quadratic {
-            self.quadratic_step(params, grads, &updates, products, &mut report)?;
+            self.committed(params, grads, lr, |k, params| {
+                k.quadratic_step(params, grads, &updates, products, &mut report)
+            })?;
             report.update_ms = t2.elapsed().as_secs_f64() * 1e3;
             self.step += 1;
             return Ok(report);
@@ -536,22 +554,24 @@ impl Kfac {
         let adapting = self.adapts_now();
         let before: Option<ParamStore> = adapting.then(|| params.clone());
         let (per_param, fallback_ids) = self.per_parameter(params, &updates, false);
-        for (id, mut u, _) in per_param {
-            let slot = self.slot_of[&id];
-            if nu != 1.0 {
-                u.data_mut().iter_mut().for_each(|x| *x *= nu);
+        self.committed(params, grads, lr, |k, params| {
+            for (id, mut u, _) in per_param {
+                let slot = k.slot_of[&id];
+                if nu != 1.0 {
+                    u.data_mut().iter_mut().for_each(|x| *x *= nu);
+                }
+                sgd_update(
+                    params.get_mut(id).data_mut(),
+                    u.data(),
+                    k.velocity.bufs[slot].data_mut(),
+                    lr,
+                    cfg.momentum,
+                    false,
+                    cfg.weight_decay,
+                );
             }
-            sgd_update(
-                params.get_mut(id).data_mut(),
-                u.data(),
-                self.velocity.bufs[slot].data_mut(),
-                lr,
-                cfg.momentum,
-                false,
-                cfg.weight_decay,
-            );
-        }
-        self.fallback_step(params, grads, &fallback_ids, lr)?;
+            k.fallback_step(params, grads, &fallback_ids, lr)
+        })?;
 
         // 6. The quadratic model's prediction for the damping adaptation.
         self.predicted = before.map(|old| self.predicted_change(&old, params, grads));
@@ -597,6 +617,42 @@ impl Kfac {
             }
         }
         (out, fallback_ids)
+    }
+
+    /// Runs `apply`, which writes the step into the parameters, the velocity and the fallback
+    /// rule's state, all or nothing: if it fails, or leaves a parameter that has a gradient
+    /// holding NaN or an infinity (an overflow), the parameters, the velocity and the fallback
+    /// state are put back as they were and the step is refused. The snapshot costs no copy up
+    /// front: tensors share their storage until `apply` writes them.
+    fn committed(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        lr: f32,
+        apply: impl FnOnce(&mut Self, &mut ParamStore) -> Result<(), OptimError>,
+    ) -> Result<(), OptimError> {
+        let saved = (
+            params.clone(),
+            self.velocity.bufs.clone(),
+            self.adam.clone(),
+        );
+        let overflow = match apply(self, params) {
+            Ok(()) => grads
+                .params()
+                .find(|&(id, _)| !params.get(id).all_finite())
+                .map(|(id, _)| OptimError::NonFiniteUpdate {
+                    param: params.name(id).to_string(),
+                    lr,
+                }),
+            Err(e) => Some(e),
+        };
+        match overflow {
+            None => Ok(()),
+            Some(e) => {
+                (*params, self.velocity.bufs, self.adam) = saved;
+                Err(e)
+            }
+        }
     }
 
     /// The first-order fallback rule on `ids`.
@@ -718,7 +774,7 @@ impl Kfac {
                 *p += step;
             }
         }
-        let lr = cfg.schedule.lr(self.step);
+        let lr = step_lr(&cfg.schedule, self.step)?;
         self.fallback_step(params, grads, &fallback_ids, lr)?;
         self.predicted = self.adapts_now().then_some(predicted);
         report.lr = alpha as f32;
