@@ -23,10 +23,44 @@ pub struct LayerId(pub u32);
 ///
 /// Names follow PyTorch's `state_dict` convention so that safetensors files interchange.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ParamStoreRepr")]
 pub struct ParamStore {
     values: Vec<Tensor>,
     names: Vec<String>,
     layers: Vec<String>,
+}
+
+/// A store as serde reads it, before its names are checked against its values.
+#[derive(Deserialize)]
+struct ParamStoreRepr {
+    values: Vec<Tensor>,
+    names: Vec<String>,
+    layers: Vec<String>,
+}
+
+impl TryFrom<ParamStoreRepr> for ParamStore {
+    type Error = String;
+
+    /// Refuses a store whose names do not match its values one for one, or that names two
+    /// parameters alike (what [`ParamStore::add`] would refuse).
+    fn try_from(r: ParamStoreRepr) -> Result<Self, String> {
+        if r.values.len() != r.names.len() {
+            return Err(format!(
+                "parameter store with {} values but {} names",
+                r.values.len(),
+                r.names.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = r.names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(format!("parameter store names {dup:?} twice"));
+        }
+        Ok(ParamStore {
+            values: r.values,
+            names: r.names,
+            layers: r.layers,
+        })
+    }
 }
 
 impl ParamStore {

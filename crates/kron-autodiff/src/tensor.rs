@@ -23,9 +23,39 @@ pub(crate) const PAR_THRESHOLD: usize = 1 << 15;
 /// [`Tensor::data_mut`] while shared. Methods are plain (untracked) math; the [`Tape`](crate::Tape)
 /// records the differentiable versions.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "TensorRepr")]
 pub struct Tensor {
     shape: Shape,
     data: Arc<Storage>,
+}
+
+/// A tensor as serde reads it, before the element count is checked against the shape.
+#[derive(Deserialize)]
+struct TensorRepr {
+    shape: Shape,
+    data: Vec<f32>,
+}
+
+impl TryFrom<TensorRepr> for Tensor {
+    type Error = String;
+
+    /// Refuses data whose length is not the shape's element count (or a shape whose count
+    /// overflows), so a crafted file never makes a tensor that panics later.
+    fn try_from(r: TensorRepr) -> Result<Self, String> {
+        let count = r.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if count != Some(r.data.len()) {
+            return Err(format!(
+                "tensor of shape {:?} needs {} elements, found {}",
+                r.shape.as_slice(),
+                count.map_or("more than usize::MAX".to_string(), |c| c.to_string()),
+                r.data.len()
+            ));
+        }
+        Ok(Tensor {
+            shape: r.shape,
+            data: Arc::new(Storage(r.data)),
+        })
+    }
 }
 
 /// A tensor's elements. Large buffers go back to the pool of [`crate::alloc`] when the last

@@ -415,3 +415,36 @@ fn a_failed_atomic_write_leaves_no_temporary_file() {
     assert_eq!(leftovers(&prefix), Vec::<PathBuf>::new());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tensor or a store read through serde is checked: data that does not fill the shape, a
+/// shape whose element count overflows, names that do not match the values one for one, or a
+/// name used twice are errors, never a value that panics later. Valid ones round-trip.
+#[test]
+fn crafted_serde_tensors_and_stores_are_refused() {
+    let t = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
+    let json = serde_json::to_string(&t).unwrap();
+    assert_eq!(serde_json::from_str::<Tensor>(&json).unwrap(), t);
+    for bad in [
+        r#"{"shape":[2,3],"data":[1.0,2.0]}"#,
+        r#"{"shape":[4294967296,4294967296,4294967296],"data":[]}"#,
+        r#"{"shape":[0],"data":[1.0]}"#,
+    ] {
+        let e = serde_json::from_str::<Tensor>(bad).unwrap_err().to_string();
+        assert!(e.contains("elements"), "{bad}: {e}");
+    }
+    let store = model();
+    let json = serde_json::to_string(&store).unwrap();
+    assert_eq!(serde_json::from_str::<ParamStore>(&json).unwrap(), store);
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["names"].as_array_mut().unwrap().pop();
+    let e = serde_json::from_value::<ParamStore>(v.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names"), "{e}");
+    let first = v["names"][0].clone();
+    v["names"].as_array_mut().unwrap().push(first);
+    let e = serde_json::from_value::<ParamStore>(v)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("twice"), "{e}");
+}

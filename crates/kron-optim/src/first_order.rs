@@ -571,7 +571,7 @@ impl Optimizer for Adam {
     fn state(&self) -> OptimState {
         let mut s = OptimState {
             meta: serde_json::to_value(AdamMeta {
-                kind: "adam".into(),
+                kind: self.name().into(),
                 config: self.config,
                 step: self.step,
             })
@@ -584,10 +584,10 @@ impl Optimizer for Adam {
     }
 
     fn load_state(&mut self, mut state: OptimState) -> Result<(), OptimError> {
-        let meta: AdamMeta = state.meta_as("adam")?;
-        if meta.kind != "adam" {
+        let meta: AdamMeta = state.meta_as(self.name())?;
+        if meta.kind != self.name() {
             return Err(OptimError::BadState {
-                detail: format!("state of {:?}, not adam", meta.kind),
+                detail: format!("state of {:?}, not {}", meta.kind, self.name()),
             });
         }
         meta.config.validate()?;

@@ -49,9 +49,11 @@ pub struct StepReport {
     pub lr: f32,
     /// The damping in force, for second-order methods.
     pub damping: Option<f32>,
-    /// Whether the curvature statistics were updated this step.
+    /// Whether the curvature statistics of at least one block took this step's captures (not
+    /// set when every capture was missing or rejected).
     pub stats_updated: bool,
-    /// Whether the inverses (or eigenbases, or roots) were refreshed this step.
+    /// Whether at least one block's inverse (or eigenbasis, or root) was recomputed this step
+    /// (not set when every refresh failed).
     pub refreshed: bool,
     /// Notes on blocks whose statistics were skipped or whose refresh failed, by layer path.
     pub notes: Vec<String>,

@@ -223,3 +223,17 @@ fn a_state_with_an_invalid_configuration_is_refused() {
     assert!(e.to_string().contains("momentum"), "{e}");
     assert_eq!(opt.config().momentum, 0.0);
 }
+
+/// AdamW's saved state says what `name()` says, and loads into AdamW only.
+#[test]
+fn adamw_state_is_named_as_the_optimizer() {
+    let p = store();
+    let mut w = Adam::new(&p, AdamConfig::adamw(1e-3, 0.01)).unwrap();
+    assert_eq!(w.name(), "adamw");
+    let s = w.state();
+    assert_eq!(s.meta["kind"], "adamw");
+    w.load_state(s.clone()).unwrap();
+    let mut plain = Adam::new(&p, AdamConfig::new(1e-3)).unwrap();
+    let e = plain.load_state(s).unwrap_err();
+    assert!(e.to_string().contains("adamw"), "{e}");
+}

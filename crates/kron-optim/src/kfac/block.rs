@@ -133,15 +133,15 @@ impl BlockState {
 
     /// Recomputes the preconditioner with damping `lambda * boost`. On failure the last good
     /// one stays and the boost grows by `cfg.failure_factor`; on success the boost returns to 1.
-    /// Returns a note for the report, if any.
+    /// Returns whether a new preconditioner was computed, and a note for the report, if any.
     pub(crate) fn refresh(
         &mut self,
         cfg: &KfacConfig,
         be: &dyn Backend,
         lambda: f32,
-    ) -> Option<String> {
+    ) -> (bool, Option<String>) {
         let (Some(a), Some(g)) = (&self.a, &self.g) else {
-            return None;
+            return (false, None);
         };
         let eff = lambda as f64 * self.boost as f64;
         let result: Result<(Precond, usize), LinalgError> = match cfg.method {
@@ -189,11 +189,11 @@ impl BlockState {
                 });
                 self.precond = Some(p);
                 self.boost = 1.0;
-                note
+                (true, note)
             }
             Err(e) => {
                 self.boost *= cfg.failure_factor;
-                Some(format!(
+                let note = format!(
                     "{}: refresh failed ({e}) at damping {eff:.3e}; keeping the {} and retrying at {:.3e}",
                     self.info.path,
                     if self.precond.is_some() {
@@ -202,7 +202,8 @@ impl BlockState {
                         "first-order fallback"
                     },
                     lambda as f64 * self.boost as f64
-                ))
+                );
+                (false, Some(note))
             }
         }
     }
