@@ -13,6 +13,8 @@
 //! The criterion benches (`cargo bench -p kron-benches`) and the table example
 //! (`cargo run --release -p kron-benches --example step_table`) both build on this crate.
 
+pub mod pinned;
+
 use std::time::{Duration, Instant};
 
 use kron::autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor, gemm, in_pool};
@@ -251,6 +253,25 @@ fn syrk_flops(d: usize, rows: f64) -> f64 {
         }
     }
     f
+}
+
+/// A fingerprint of every parameter's bits, in parameter order (FNV-1a over the `f32` bit
+/// patterns, each tensor's name and shape first).
+pub fn params_hash(params: &ParamStore) -> u64 {
+    let mut h = Fnv::default();
+    for id in params.ids() {
+        for b in params.name(id).bytes() {
+            h.word(u32::from(b));
+        }
+        let t = params.get(id);
+        for &d in t.shape() {
+            h.word(d as u32);
+        }
+        for v in t.data() {
+            h.word(v.to_bits());
+        }
+    }
+    h.0
 }
 
 /// FNV-1a, 64 bits.
