@@ -62,15 +62,13 @@ fn model(_task: &Task, store: &mut ParamStore, rng: &mut Rng) -> Box<dyn Module>
 /// KFAC as the paper runs it on its autoencoders: the step size and momentum from the exact
 /// quadratic model (its Fisher products on a quarter of each batch), Levenberg-Marquardt damping
 /// from 0.01, statistics on a quarter of each batch, inverses every 5 steps.
-pub const KFAC: KfacConfig = KfacConfig {
-    step_rule: StepRule::QuadraticModel,
-    damping: 0.01,
-    adaptive_damping: Some(LevenbergMarquardt::DEFAULT),
-    inverse_period: 5,
-    stats_examples: Some(250),
-    curvature_examples: Some(250),
-    ..KfacConfig::DEFAULT
-};
+pub const KFAC: KfacConfig = KfacConfig::DEFAULT
+    .with_step_rule(StepRule::QuadraticModel)
+    .with_damping(0.01)
+    .with_adaptive_damping(Some(LevenbergMarquardt::DEFAULT))
+    .with_inverse_period(5)
+    .with_stats_examples(Some(250))
+    .with_curvature_examples(Some(250));
 // ANCHOR_END: kfac
 
 /// The deep autoencoder.

@@ -2,7 +2,6 @@
 //! `--data /usr/share/datasets/fashion-mnist`.
 
 use kron::layers::Module;
-use kron::optim::KfacConfig;
 use kron::prelude::*;
 
 use crate::data;
@@ -57,12 +56,10 @@ pub const EXAMPLE: Example = Example {
     task,
     model,
     // ANCHOR: kfac
-    kfac: KfacConfig {
-        damping: 0.1,
-        conv_stats_period: 10,
-        inverse_period: 20,
-        ..crate::KFAC_DEFAULT
-    },
+    kfac: crate::KFAC_DEFAULT
+        .with_damping(0.1)
+        .with_conv_stats_period(10)
+        .with_inverse_period(20),
     // ANCHOR_END: kfac
     lrs: [
         (OptimizerKind::Sgd, 0.01),

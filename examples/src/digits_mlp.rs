@@ -1,7 +1,6 @@
 //! A classifier on the UCI handwritten digits (bundled), or on MNIST with `--data DIR`.
 
 use kron::layers::Module;
-use kron::optim::KfacConfig;
 use kron::prelude::*;
 
 use crate::data;
@@ -61,11 +60,9 @@ pub const EXAMPLE: Example = Example {
     task,
     model,
     // ANCHOR: kfac
-    kfac: KfacConfig {
-        inverse_period: 10,
-        damping: 0.1,
-        ..crate::KFAC_DEFAULT
-    },
+    kfac: crate::KFAC_DEFAULT
+        .with_inverse_period(10)
+        .with_damping(0.1),
     // ANCHOR_END: kfac
     lrs: [
         (OptimizerKind::Sgd, 0.03),

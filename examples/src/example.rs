@@ -326,12 +326,12 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     if let Some(m) = cfg.curvature_examples {
         kfac = kfac.with_curvature_examples(Some(m));
     }
-    if cfg.lm && kfac.adaptive_damping.is_none() {
+    if cfg.lm && kfac.damping.adaptive.is_none() {
         kfac = kfac.with_adaptive_damping(Some(LevenbergMarquardt::default()));
     }
     if cfg.lr.is_some()
         && cfg.optimizer == OptimizerKind::Kfac
-        && kfac.step_rule == StepRule::QuadraticModel
+        && kfac.step.rule == StepRule::QuadraticModel
     {
         return Err(format!(
             "--lr has no effect on {}'s KFAC, whose quadratic-model step sets each step's size; \
@@ -373,7 +373,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         if cfg.sweep {
             let mut text = String::new();
             for (k, lr) in lrs.iter_mut() {
-                if *k == OptimizerKind::Kfac && kfac.step_rule == StepRule::QuadraticModel {
+                if *k == OptimizerKind::Kfac && kfac.step.rule == StepRule::QuadraticModel {
                     text.push_str(
                         "  kfac  no learning rate to tune: the quadratic model sets each step\n",
                     );
@@ -395,7 +395,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
             log = Some(text);
         }
         let mut c = compare(&task, &model_fn, &optim, &spec, &lrs)?;
-        if kfac.step_rule == StepRule::QuadraticModel {
+        if kfac.step.rule == StepRule::QuadraticModel {
             for (name, lr) in &mut c.lrs {
                 if name == OptimizerKind::Kfac.name() {
                     *lr = f32::NAN;

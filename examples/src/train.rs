@@ -255,10 +255,7 @@ pub fn default_optimizer(
             ),
             OptimizerKind::Adam => Box::new(Adam::new(params, AdamConfig::new(lr)).map_err(e)?),
             OptimizerKind::Kfac => {
-                let cfg = KfacConfig {
-                    schedule: kron::optim::Schedule::constant(lr),
-                    ..kfac
-                };
+                let cfg = kfac.with_schedule(kron::optim::Schedule::constant(lr));
                 match backend {
                     BackendKind::Cpu => Box::new(Kfac::new(model, params, cfg).map_err(e)?),
                     BackendKind::Wgpu => Box::new(
@@ -384,8 +381,9 @@ pub fn run(
                     if spec.trace {
                         trace_line(step, o.loss, &o.report);
                     }
-                    for n in o.report.notes {
-                        if !n.starts_with("update KL-clipped") && !notes.contains(&n) {
+                    for n in o.report.notes.iter().filter(|n| !n.is_routine()) {
+                        let n = n.to_string();
+                        if !notes.contains(&n) {
                             notes.push(n);
                         }
                     }

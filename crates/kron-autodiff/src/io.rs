@@ -94,7 +94,7 @@ impl fmt::Display for TensorFileError {
             ),
             TensorFileError::Dtype { path, name, found } => write!(
                 f,
-                "{}: tensor {name:?} is stored as {found}, expected F32",
+                "{}: tensor {name:?} is stored as {found}, expected F32 or F64",
                 path.display()
             ),
             TensorFileError::Metadata { path, detail } => {
@@ -113,13 +113,16 @@ impl std::error::Error for TensorFileError {
     }
 }
 
-/// The contents of a safetensors file: named `f32` tensors and string metadata.
+/// The contents of a safetensors file: named `f32` and `f64` tensors and string metadata.
 #[derive(Clone, Debug, Default)]
 pub struct TensorFile {
     /// The file the contents came from.
     pub path: PathBuf,
-    /// Tensors by name.
+    /// `f32` tensors by name.
     pub tensors: BTreeMap<String, Tensor>,
+    /// `f64` tensors by name, as `(shape, row-major values)` (optimizer statistics kept in
+    /// double precision).
+    pub tensors64: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
     /// The header's `__metadata__` map.
     pub metadata: HashMap<String, String>,
 }
@@ -184,14 +187,34 @@ pub fn write_tensors(
     tensors: &[(String, &Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<(), TensorFileError> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    write_tensors_mixed(path, tensors, &[], metadata)
+}
+
+/// One `f64` tensor to write: its name, shape and row-major values.
+pub type F64Entry<'a> = (String, &'a [usize], &'a [f64]);
+
+/// [`write_tensors`] with `f64` tensors too (stored as safetensors `F64`).
+pub fn write_tensors_mixed(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    tensors64: &[F64Entry<'_>],
+    metadata: HashMap<String, String>,
+) -> Result<(), TensorFileError> {
+    let mut bytes: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), f32_bytes(t), t.shape().to_vec()))
+        .map(|(n, t)| (n.clone(), f32_bytes(t), t.shape().to_vec(), Dtype::F32))
         .collect();
+    for (n, shape, data) in tensors64 {
+        let mut b = Vec::with_capacity(data.len() * 8);
+        for v in *data {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes.push((n.clone(), b, shape.to_vec(), Dtype::F64));
+    }
     let views = bytes
         .iter()
-        .map(|(n, b, s)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
+        .map(|(n, b, s, dtype)| {
+            TensorView::new(*dtype, s.clone(), b)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| TensorFileError::Format {
                     path: path.to_path_buf(),
@@ -279,7 +302,7 @@ fn unpredictable(salt: u64) -> u64 {
     h.finish()
 }
 
-/// Reads every tensor of a safetensors file (all must be `f32`).
+/// Reads every tensor of a safetensors file (each `f32` or `f64`).
 pub fn read_tensors(path: &Path) -> Result<TensorFile, TensorFileError> {
     let data = std::fs::read(path).map_err(|source| TensorFileError::Io {
         path: path.to_path_buf(),
@@ -292,31 +315,50 @@ pub fn read_tensors(path: &Path) -> Result<TensorFile, TensorFileError> {
     let (_, meta) = SafeTensors::read_metadata(&data).map_err(|e| format(e.to_string()))?;
     let st = SafeTensors::deserialize(&data).map_err(|e| format(e.to_string()))?;
     let mut tensors = BTreeMap::new();
+    let mut tensors64 = BTreeMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(TensorFileError::Dtype {
-                path: path.to_path_buf(),
-                name,
-                found: format!("{:?}", view.dtype()),
-            });
-        }
         let raw = view.data();
-        let values: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
         let shape = view.shape().to_vec();
-        if values.len() != shape.iter().product::<usize>() {
-            return Err(format(format!(
-                "tensor {name:?}: {} bytes do not fill shape {shape:?}",
-                raw.len()
-            )));
+        let fill = |n: usize| -> Result<(), TensorFileError> {
+            if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) == Some(n) {
+                Ok(())
+            } else {
+                Err(format(format!(
+                    "tensor {name:?}: {} bytes do not fill shape {shape:?}",
+                    raw.len()
+                )))
+            }
+        };
+        match view.dtype() {
+            Dtype::F32 => {
+                let values: Vec<f32> = raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                fill(values.len())?;
+                tensors.insert(name, Tensor::from_vec(values, &shape));
+            }
+            Dtype::F64 => {
+                let values: Vec<f64> = raw
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                fill(values.len())?;
+                tensors64.insert(name, (shape, values));
+            }
+            other => {
+                return Err(TensorFileError::Dtype {
+                    path: path.to_path_buf(),
+                    name,
+                    found: format!("{other:?}"),
+                });
+            }
         }
-        tensors.insert(name, Tensor::from_vec(values, &shape));
     }
     Ok(TensorFile {
         path: path.to_path_buf(),
         tensors,
+        tensors64,
         metadata: meta.metadata().clone().unwrap_or_default(),
     })
 }

@@ -12,7 +12,7 @@
 //! parameters unchanged.
 
 pub mod backend;
-mod curvature;
+pub mod curvature;
 mod error;
 mod first_order;
 mod kfac;
@@ -21,11 +21,15 @@ mod schedule;
 mod validate;
 
 pub use backend::{Backend, CpuBackend, Precision};
-pub use curvature::{CurvatureProducts, TapeCurvature};
+pub use curvature::{
+    CoreConfig, CurvatureBlock, CurvatureProducts, DampingConfig, Driver, FailurePolicy, Fallback,
+    Graft, LevenbergMarquardt, Momentum, Note, RefreshConfig, StatisticsConfig, StepConfig,
+    StepRule, TapeCurvature, WeightDecay,
+};
 pub use error::OptimError;
 pub use first_order::{Adam, AdamConfig, Sgd, SgdConfig, sgd_update, sgd_update_is_finite};
-pub use kfac::{
-    EigenDamping, Fallback, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt, StepRule,
+pub use kfac::{EigenDamping, InverseMethod, Kfac, KfacBlock, KfacConfig, KfacRefreshed};
+pub use optimizer::{
+    Captures, FisherKind, OptimState, Optimizer, StepReport, Tensor64, Wants, check_finite,
 };
-pub use optimizer::{Captures, FisherKind, OptimState, Optimizer, StepReport, Wants, check_finite};
 pub use schedule::{Decay, Schedule};

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use kron_autodiff::{Gradients, LayerCapture, LayerId, ParamStore, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::curvature::CurvatureProducts;
+use crate::curvature::{CurvatureProducts, Note};
 use crate::error::OptimError;
 
 /// The captured statistics handed to [`Optimizer::step`], by layer.
@@ -55,8 +55,9 @@ pub struct StepReport {
     /// Whether at least one block's inverse (or eigenbasis, or root) was recomputed this step
     /// (not set when every refresh failed).
     pub refreshed: bool,
-    /// Notes on blocks whose statistics were skipped or whose refresh failed, by layer path.
-    pub notes: Vec<String>,
+    /// What the step did besides the plain step: statistics skipped, refreshes failed or
+    /// recovered, fallbacks, clipping (typed; `Display` renders each as a log line).
+    pub notes: Vec<Note>,
     /// The momentum coefficient the step chose, for methods that choose it (KFAC's quadratic
     /// model); `lr` is then the step size it chose.
     #[serde(default)]
@@ -75,11 +76,118 @@ pub struct StepReport {
 pub struct OptimState {
     /// Tensors by name.
     pub tensors: BTreeMap<String, Tensor>,
+    /// Double-precision tensors by name (statistics and refreshed results kept in `f64`), so
+    /// that a resume is bit-exact in both precisions.
+    #[serde(default)]
+    pub tensors64: BTreeMap<String, Tensor64>,
     /// Everything else.
     pub meta: serde_json::Value,
 }
 
+/// A row-major `f64` tensor of an [`OptimState`]. Deserializing checks that the data fills
+/// the shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Tensor64Raw")]
+pub struct Tensor64 {
+    shape: Vec<usize>,
+    data: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct Tensor64Raw {
+    shape: Vec<usize>,
+    data: Vec<f64>,
+}
+
+impl TryFrom<Tensor64Raw> for Tensor64 {
+    type Error = String;
+
+    fn try_from(r: Tensor64Raw) -> Result<Self, String> {
+        Tensor64::new(r.data, &r.shape)
+    }
+}
+
+impl Tensor64 {
+    /// A tensor of `shape` holding `data`, or why not (the data does not fill the shape, or
+    /// the shape's element count overflows).
+    pub fn new(data: Vec<f64>, shape: &[usize]) -> Result<Self, String> {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("shape {shape:?} overflows"))?;
+        if n != data.len() {
+            return Err(format!(
+                "{} values do not fill shape {shape:?} ({n} elements)",
+                data.len()
+            ));
+        }
+        Ok(Tensor64 {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The values, row-major.
+    pub fn data(&self) -> &[f64] {
+        &self.data
+    }
+
+    /// The values, consuming the tensor.
+    pub fn into_data(self) -> Vec<f64> {
+        self.data
+    }
+}
+
+/// A state tensor of either precision.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum StateTensor {
+    F32(Tensor),
+    F64 { shape: Vec<usize>, data: Vec<f64> },
+}
+
 impl OptimState {
+    /// Inserts a tensor of either precision.
+    pub(crate) fn insert(&mut self, name: String, t: StateTensor) {
+        match t {
+            StateTensor::F32(t) => {
+                self.tensors.insert(name, t);
+            }
+            StateTensor::F64 { shape, data } => {
+                self.tensors64.insert(
+                    name,
+                    Tensor64::new(data, &shape).expect("a matrix fills its shape"),
+                );
+            }
+        }
+    }
+
+    /// Takes a tensor of either precision out, checking its shape.
+    pub(crate) fn take_any(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<StateTensor, OptimError> {
+        if let Some(t) = self.tensors64.remove(name) {
+            if t.shape() != shape {
+                return Err(OptimError::StateShape {
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    found: t.shape().to_vec(),
+                });
+            }
+            return Ok(StateTensor::F64 {
+                shape: t.shape,
+                data: t.data,
+            });
+        }
+        self.take(name, shape).map(StateTensor::F32)
+    }
+
     /// Takes a tensor out, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, OptimError> {
         let t = self

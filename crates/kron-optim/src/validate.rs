@@ -3,9 +3,13 @@
 //! (or saves) a NaN, an infinity or a value its method has no meaning for. Each error names
 //! the field.
 
+use crate::curvature::{
+    CoreConfig, DampingConfig, FailurePolicy, Fallback, LevenbergMarquardt, RefreshConfig,
+    StatisticsConfig, StepConfig,
+};
 use crate::error::OptimError;
 use crate::first_order::{AdamConfig, SgdConfig};
-use crate::kfac::{Fallback, KfacConfig, LevenbergMarquardt};
+use crate::kfac::KfacConfig;
 use crate::schedule::{Decay, Schedule};
 
 fn bad(field: &str, detail: String) -> OptimError {
@@ -119,18 +123,18 @@ impl LevenbergMarquardt {
     /// Checks every field: interval at least 1, decay in `(0, 1)`, damping bounds finite with
     /// `0 < min <= max`.
     pub fn validate(&self) -> Result<(), OptimError> {
-        at_least_one("adaptive_damping.interval", self.interval)?;
+        at_least_one("interval", self.interval)?;
         if !(self.decay > 0.0 && self.decay < 1.0) {
             return Err(bad(
-                "adaptive_damping.decay",
+                "decay",
                 format!("must lie in (0, 1), not {}", self.decay),
             ));
         }
-        positive("adaptive_damping.min_damping", self.min_damping)?;
-        positive("adaptive_damping.max_damping", self.max_damping)?;
+        positive("min_damping", self.min_damping)?;
+        positive("max_damping", self.max_damping)?;
         if self.max_damping < self.min_damping {
             return Err(bad(
-                "adaptive_damping.max_damping",
+                "max_damping",
                 format!(
                     "{} is below min_damping {}",
                     self.max_damping, self.min_damping
@@ -141,42 +145,98 @@ impl LevenbergMarquardt {
     }
 }
 
-impl KfacConfig {
-    /// Checks every field: the schedule; momentum and the statistics' decay in `[0, 1)`;
-    /// damping and the KL clip (when on) finite and above 0; weight decay finite and at least
-    /// 0; every period and example count at least 1; the failure factor finite and above 1;
-    /// the adaptive damping and an Adam fallback by their own `validate()`.
+impl StatisticsConfig {
+    /// Checks every field: the decay in `[0, 1)`, both periods and the example count at
+    /// least 1.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        fraction("ema_decay", self.ema_decay)?;
+        at_least_one("period", self.period)?;
+        at_least_one("conv_period", self.conv_period)?;
+        if let Some(n) = self.examples {
+            at_least_one("examples", n as u64)?;
+        }
+        Ok(())
+    }
+}
+
+impl FailurePolicy {
+    /// Checks every field: the boost finite and above 1, the largest boost finite and at
+    /// least 1, the failures in a row at least 1.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        if !(self.boost.is_finite() && self.boost > 1.0) {
+            return Err(bad(
+                "boost",
+                format!("must be finite and above 1, not {}", self.boost),
+            ));
+        }
+        if !(self.max_boost.is_finite() && self.max_boost >= 1.0) {
+            return Err(bad(
+                "max_boost",
+                format!("must be finite and at least 1, not {}", self.max_boost),
+            ));
+        }
+        at_least_one("max_failures", u64::from(self.max_failures))
+    }
+}
+
+impl RefreshConfig {
+    /// Checks every field: the period at least 1 and the failure policy.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        at_least_one("period", self.period)?;
+        self.failure.validate().map_err(|e| prefix("failure", e))
+    }
+}
+
+impl DampingConfig {
+    /// Checks every field: λ finite and above 0, the adaptation by its own `validate()`.
+    pub fn validate(&self) -> Result<(), OptimError> {
+        positive("lambda", self.lambda)?;
+        if let Some(lm) = &self.adaptive {
+            lm.validate().map_err(|e| prefix("adaptive", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl StepConfig {
+    /// Checks every field: the schedule; momentum in `[0, 1)`; weight decay finite and at
+    /// least 0; the KL clip (when on) finite and above 0; the curvature examples at least 1;
+    /// an Adam fallback by its own `validate()`.
     pub fn validate(&self) -> Result<(), OptimError> {
         self.schedule.validate()?;
-        fraction("momentum", self.momentum)?;
-        non_negative("weight_decay", self.weight_decay)?;
-        positive("damping", self.damping)?;
-        fraction("ema_decay", self.ema_decay)?;
-        at_least_one("stats_period", self.stats_period)?;
-        at_least_one("conv_stats_period", self.conv_stats_period)?;
-        at_least_one("inverse_period", self.inverse_period)?;
-        if let Some(n) = self.stats_examples {
-            at_least_one("stats_examples", n as u64)?;
-        }
-        if let Some(n) = self.curvature_examples {
-            at_least_one("curvature_examples", n as u64)?;
-        }
+        fraction("momentum", self.momentum.coefficient)?;
+        non_negative("weight_decay", self.weight_decay.coefficient)?;
         if let Some(k) = self.kl_clip {
             positive("kl_clip", k)?;
         }
-        if !(self.failure_factor.is_finite() && self.failure_factor > 1.0) {
-            return Err(bad(
-                "failure_factor",
-                format!("must be finite and above 1, not {}", self.failure_factor),
-            ));
-        }
-        if let Some(lm) = &self.adaptive_damping {
-            lm.validate()?;
+        if let Some(n) = self.curvature_examples {
+            at_least_one("curvature_examples", n as u64)?;
         }
         if let Fallback::Adam(c) = &self.fallback {
             c.validate().map_err(|e| prefix("fallback (Adam)", e))?;
         }
         Ok(())
+    }
+}
+
+impl CoreConfig {
+    /// Checks every sub-configuration; an error names the field by its path
+    /// (`damping.lambda`, `step.kl_clip`).
+    pub fn validate(&self) -> Result<(), OptimError> {
+        self.statistics
+            .validate()
+            .map_err(|e| prefix("statistics", e))?;
+        self.refresh.validate().map_err(|e| prefix("refresh", e))?;
+        self.damping.validate().map_err(|e| prefix("damping", e))?;
+        self.step.validate().map_err(|e| prefix("step", e))
+    }
+}
+
+impl KfacConfig {
+    /// Checks every field through [`CoreConfig::validate`]: an error names the field by its
+    /// path (`damping.lambda`, `refresh.period`, `step.schedule.base (the learning rate)`).
+    pub fn validate(&self) -> Result<(), OptimError> {
+        self.core().validate()
     }
 }
 
@@ -214,24 +274,41 @@ mod tests {
     fn each_bad_value_is_refused_naming_its_field() {
         let k = KfacConfig::default;
         for (cfg, want) in [
-            (k().with_damping(0.0), "damping"),
-            (k().with_damping(-1.0), "damping"),
-            (k().with_damping(f32::NAN), "damping"),
-            (k().with_kl_clip(Some(f32::NAN)), "kl_clip"),
-            (k().with_kl_clip(Some(-1.0)), "kl_clip"),
-            (k().with_inverse_period(0), "inverse_period"),
-            (k().with_stats_period(0), "stats_period"),
-            (k().with_momentum(1.0), "momentum"),
-            (k().with_ema_decay(f32::INFINITY), "ema_decay"),
-            (k().with_failure_factor(1.0), "failure_factor"),
+            (k().with_damping(0.0), "damping.lambda"),
+            (k().with_damping(-1.0), "damping.lambda"),
+            (k().with_damping(f32::NAN), "damping.lambda"),
+            (k().with_kl_clip(Some(f32::NAN)), "step.kl_clip"),
+            (k().with_kl_clip(Some(-1.0)), "step.kl_clip"),
+            (k().with_inverse_period(0), "refresh.period"),
+            (k().with_stats_period(0), "statistics.period"),
+            (k().with_momentum(1.0), "step.momentum"),
+            (k().with_ema_decay(f32::INFINITY), "statistics.ema_decay"),
+            (k().with_failure_factor(1.0), "refresh.failure.boost"),
+            (
+                k().with_refresh(
+                    RefreshConfig::DEFAULT
+                        .with_failure(FailurePolicy::DEFAULT.with_max_failures(0)),
+                ),
+                "refresh.failure.max_failures",
+            ),
             (
                 KfacConfig::new(f32::NAN),
-                "schedule.base (the learning rate)",
+                "step.schedule.base (the learning rate)",
             ),
-            (KfacConfig::new(-0.1), "schedule.base (the learning rate)"),
+            (
+                KfacConfig::new(-0.1),
+                "step.schedule.base (the learning rate)",
+            ),
             (
                 k().with_fallback(Fallback::Adam(AdamConfig::new(f32::INFINITY))),
-                "fallback (Adam).schedule.base (the learning rate)",
+                "step.fallback (Adam).schedule.base (the learning rate)",
+            ),
+            (
+                k().with_adaptive_damping(Some(LevenbergMarquardt {
+                    decay: 1.0,
+                    ..LevenbergMarquardt::DEFAULT
+                })),
+                "damping.adaptive.decay",
             ),
         ] {
             assert_eq!(field(cfg.validate().unwrap_err()), want, "{cfg:?}");

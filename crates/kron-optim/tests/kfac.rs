@@ -1,14 +1,15 @@
 //! KFAC and KFC against brute force: factors, preconditioned updates, the natural-gradient
 //! identity, and the failure policy.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor};
 use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
 use kron_optim::backend::{Eigh, Inverse, LinalgError, Mat};
+use kron_optim::curvature::{Kept, StatsSkip};
 use kron_optim::{
     Backend, Captures, CpuBackend, CurvatureProducts, EigenDamping, FisherKind, InverseMethod,
-    Kfac, KfacConfig, OptimError, Optimizer, Precision, StepReport, StepRule, TapeCurvature,
+    Kfac, KfacConfig, Note, OptimError, Optimizer, Precision, StepReport, StepRule, TapeCurvature,
 };
 
 /// Solves `m x = b` (dense, f64) by Gaussian elimination with partial pivoting.
@@ -380,7 +381,10 @@ fn non_finite_gradients_are_refused_and_non_finite_captures_skipped() {
     let (fa, _) = kfac.factors("0").unwrap();
     let report = kfac.step(&mut net.store, &g, &caps2).unwrap();
     assert!(
-        report.notes.iter().any(|n| n.starts_with("0: non-finite")),
+        report.notes.iter().any(|n| matches!(
+            n,
+            Note::StatsSkipped { block, reason: StatsSkip::NonFiniteInput } if block == "0"
+        )),
         "{:?}",
         report.notes
     );
@@ -396,13 +400,25 @@ fn non_finite_gradients_are_refused_and_non_finite_captures_skipped() {
     assert!(!report.stats_updated, "{:?}", report.notes);
 }
 
-/// A backend whose damped inverse fails a given number of times, recording the damping it
-/// was asked for.
+/// A backend whose damped inverse (or eigendecomposition) fails a given number of times,
+/// recording the damping it was asked for.
 #[derive(Debug)]
 struct Flaky {
     inner: CpuBackend,
     failures: Mutex<usize>,
+    eigh_failures: Mutex<Vec<bool>>,
     asked: Mutex<Vec<f32>>,
+}
+
+impl Flaky {
+    fn new(failures: usize) -> Arc<Self> {
+        Arc::new(Flaky {
+            inner: CpuBackend::new(Precision::F32),
+            failures: Mutex::new(failures),
+            eigh_failures: Mutex::new(vec![]),
+            asked: Mutex::new(vec![]),
+        })
+    }
 }
 
 impl Backend for Flaky {
@@ -458,6 +474,11 @@ impl Backend for Flaky {
         self.inner.spd_inverse(m, damping)
     }
     fn eigh(&self, m: &Mat) -> Result<Eigh, LinalgError> {
+        // The next scripted outcome (true: fail), if any.
+        let mut script = self.eigh_failures.lock().unwrap();
+        if !script.is_empty() && script.remove(0) {
+            return Err(LinalgError::NoConvergence);
+        }
         self.inner.eigh(m)
     }
     fn inv_root(&self, m: &Mat, p: u32, d: f32) -> Result<Mat, LinalgError> {
@@ -470,16 +491,12 @@ fn failed_refresh_keeps_fallback_then_retries_with_more_damping() {
     let mut store = ParamStore::new();
     let mut rng = Rng::new(10);
     let model = Sequential::new().push(Dense::new(&mut store, "only", 3, 2, &mut rng));
-    let be = Box::new(Flaky {
-        inner: CpuBackend::new(Precision::F32),
-        failures: Mutex::new(1),
-        asked: Mutex::new(vec![]),
-    });
-    let flaky: *const Flaky = &*be;
+    let flaky = Flaky::new(1);
     let cfg = empirical(KfacConfig::default())
         .with_inverse_period(1)
         .with_momentum(0.0);
-    let mut kfac = Kfac::with_backend(model.fisher_blocks(), &store, cfg, be).unwrap();
+    let mut kfac =
+        Kfac::with_backend(model.fisher_blocks(), &store, cfg, Box::new(flaky.clone())).unwrap();
     let net = Net {
         store: store.clone(),
         model,
@@ -491,9 +508,14 @@ fn failed_refresh_keeps_fallback_then_retries_with_more_damping() {
     let before = store.clone();
     let r = kfac.step(&mut store, &g, &caps).unwrap();
     assert!(
-        r.notes
-            .iter()
-            .any(|n| n.contains("refresh failed") && n.contains("first-order fallback")),
+        r.notes.iter().any(|n| matches!(
+            n,
+            Note::RefreshFailed {
+                kept: Kept::Fallback,
+                failures: 1,
+                ..
+            }
+        )),
         "{:?}",
         r.notes
     );
@@ -507,14 +529,15 @@ fn failed_refresh_keeps_fallback_then_retries_with_more_damping() {
     // Second refresh succeeds at ten times the damping and says so; the third is back to normal.
     let r2 = kfac.step(&mut store, &g, &caps).unwrap();
     assert!(
-        r2.notes.iter().any(|n| n.contains("refresh succeeded")),
+        r2.notes
+            .iter()
+            .any(|n| matches!(n, Note::RefreshRecovered { .. })),
         "{:?}",
         r2.notes
     );
     assert!(r2.refreshed);
     kfac.step(&mut store, &g, &caps).unwrap();
-    // SAFETY: the backend lives inside `kfac`, which is alive.
-    let asked = unsafe { (*flaky).asked.lock().unwrap().clone() };
+    let asked = flaky.asked.lock().unwrap().clone();
     // Two inverses (A then G) per refresh; the first failed at A. The boost multiplies
     // lambda by 10, so each factor's damping (pi-split sqrt(lambda)) grows by sqrt(10).
     assert!(
@@ -522,6 +545,84 @@ fn failed_refresh_keeps_fallback_then_retries_with_more_damping() {
         "{asked:?}"
     );
     assert!(asked.last().unwrap() < &asked[1]);
+}
+
+/// In the eigenbasis mode the damping enters at preconditioning: a refresh that succeeds after
+/// a failure must precondition with the boosted damping (it used to keep the unboosted one, so
+/// the retry changed nothing), and the next refresh returns to the configured damping.
+#[test]
+fn eigen_mode_retries_precondition_with_the_boosted_damping() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(10);
+    let model = Sequential::new().push(Dense::new(&mut store, "only", 3, 2, &mut rng));
+    let flaky = Flaky::new(0);
+    // Refresh 1: A and G succeed; refresh 2: A fails; refresh 3: both succeed; refresh 4 too.
+    *flaky.eigh_failures.lock().unwrap() = vec![false, false, true];
+    let method = InverseMethod::Eigen(EigenDamping::Tikhonov);
+    let cfg = empirical(KfacConfig::default())
+        .with_inverse_period(1)
+        .with_method(method);
+    let mut kfac =
+        Kfac::with_backend(model.fisher_blocks(), &store, cfg, Box::new(flaky.clone())).unwrap();
+    let net = Net {
+        store: store.clone(),
+        model,
+    };
+    let x = Tensor::randn(&[6, 3], 0.0, 1.0, &mut rng);
+    let y = vec![0, 1, 1, 0, 1, 0];
+    let v = Tensor::randn(&[2, 4], 0.0, 1.0, &mut Rng::new(3));
+    // The eigen preconditioner at damping `lambda` on the current factors, densely.
+    let dense = |kfac: &Kfac, lambda: f64| -> Vec<f64> {
+        let path = kfac.refresh_costs()[0].0.clone();
+        let (a, g) = kfac.factors(&path).unwrap();
+        let f = add_diag(kron(&mat64(&g), &mat64(&a)), lambda);
+        let b: Vec<f64> = v.data().iter().map(|&x| x as f64).collect();
+        solve(f, b)
+    };
+    let close = |u: &Tensor, want: &[f64]| {
+        u.data()
+            .iter()
+            .zip(want)
+            .all(|(&p, &q)| (p as f64 - q).abs() <= 1e-3 * (1.0 + q.abs()))
+    };
+    let (g, caps) = backward(&net, &kfac, &x, &y);
+    kfac.step(&mut store, &g, &caps).unwrap();
+    let r = kfac.step(&mut store, &g, &caps).unwrap();
+    assert!(
+        r.notes.iter().any(|n| matches!(
+            n,
+            Note::RefreshFailed {
+                kept: Kept::LastGood,
+                ..
+            }
+        )),
+        "{:?}",
+        r.notes
+    );
+    // Refresh 3 succeeds at the boost: the preconditioner is that of 10 lambda on the
+    // factors it was refreshed from.
+    let lambda = kfac.damping() as f64;
+    let r = kfac.step(&mut store, &g, &caps).unwrap();
+    assert!(
+        r.notes.iter().any(|n| matches!(
+            n,
+            Note::RefreshRecovered { damping, .. } if (damping / lambda - 10.0).abs() < 1e-9
+        )),
+        "{:?}",
+        r.notes
+    );
+    // The same captures every step keep the factors where they were at the refresh.
+    let path = kfac.refresh_costs()[0].0.clone();
+    let boosted = kfac.precondition(&path, &v).unwrap();
+    assert!(
+        close(&boosted, &dense(&kfac, 10.0 * lambda)),
+        "retry at 10 lambda"
+    );
+    assert!(!close(&boosted, &dense(&kfac, lambda)));
+    // Refresh 4 returns to the configured damping.
+    kfac.step(&mut store, &g, &caps).unwrap();
+    let plain = kfac.precondition(&path, &v).unwrap();
+    assert!(close(&plain, &dense(&kfac, lambda)), "back to lambda");
 }
 
 fn model_weight(net: &Net) -> kron_autodiff::ParamId {
@@ -548,7 +649,12 @@ fn state_round_trip_restores_everything() {
             kfac.step(&mut net.store, &g, &caps).unwrap();
         }
         let st = kfac.state();
-        let mut other = Kfac::new(&net.model, &net.store, KfacConfig::default()).unwrap();
+        let mut other = Kfac::new(
+            &net.model,
+            &net.store,
+            empirical(KfacConfig::default()).with_method(method),
+        )
+        .unwrap();
         other.load_state(st.clone()).unwrap();
         assert_eq!(other.state(), st);
         let v = Tensor::randn(&[4, 4], 0.0, 1.0, &mut Rng::new(2));
@@ -680,7 +786,9 @@ fn a_broken_quadratic_model_moves_nothing_and_says_so() {
         .unwrap();
     assert_eq!(values(&net.store), before);
     assert!(
-        r.notes.iter().any(|n| n.contains("quadratic model")),
+        r.notes
+            .iter()
+            .any(|n| matches!(n, Note::ModelRejected { .. })),
         "{:?}",
         r.notes
     );

@@ -25,7 +25,7 @@ use kron_autodiff::{Gradients, ParamStore, Rng, Tape, Tensor};
 use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
 use kron_optim::backend::{DeviceError, IterationConfig, LinalgError, Mat, WgpuBackend};
 use kron_optim::{
-    Backend, Captures, CpuBackend, EigenDamping, FisherKind, InverseMethod, Kfac, KfacConfig,
+    Backend, Captures, CpuBackend, EigenDamping, FisherKind, InverseMethod, Kfac, KfacConfig, Note,
     Optimizer, Precision,
 };
 
@@ -596,16 +596,15 @@ fn kfac_on_wgpu_agrees_with_the_cpu_backend() {
             let says = reports.iter().filter(|r| r.refreshed).all(|r| {
                 r.notes
                     .iter()
-                    .any(|n| n.starts_with("eigendecomposition on the CPU"))
+                    .any(|n| matches!(n, Note::EighDelegated { .. }))
             });
             match method {
                 InverseMethod::Inverse => {
                     assert!(
-                        reports
-                            .iter()
-                            .flat_map(|r| &r.notes)
-                            .all(|n| !n.contains("eigendecomposition")
-                                && !n.contains("refresh failed")),
+                        reports.iter().flat_map(|r| &r.notes).all(|n| !matches!(
+                            n,
+                            Note::EighDelegated { .. } | Note::RefreshFailed { .. }
+                        )),
                         "{:?}",
                         reports.iter().map(|r| &r.notes).collect::<Vec<_>>()
                     )

@@ -4,13 +4,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use kron_autodiff::io::{TensorFileError, load_params_from, read_tensors, write_tensors};
+use kron_autodiff::io::{TensorFileError, load_params_from, read_tensors, write_tensors_mixed};
 use kron_autodiff::{ParamStore, Rng, Tensor};
-use kron_optim::{OptimError, OptimState, Optimizer};
+use kron_optim::{OptimError, OptimState, Optimizer, Tensor64};
 use serde::{Deserialize, Serialize};
 
-/// The version of the checkpoint layout this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the checkpoint layout this build writes and reads. Version 2 stores
+/// optimizer statistics kept in `f64` as `F64` tensors and the optimizer's state in the
+/// curvature core's layout; files of version 1 are refused with a message saying so.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The training loop's own state: what, beside model and optimizer, a run needs to resume with
 /// the same bits.
@@ -113,7 +115,12 @@ pub fn save_checkpoint(
         "kron.train".into(),
         serde_json::to_string(train).map_err(meta_err)?,
     );
-    write_tensors(path, &tensors, meta)?;
+    let tensors64: Vec<(String, &[usize], &[f64])> = ostate
+        .tensors64
+        .iter()
+        .map(|(n, t)| (format!("{OPTIM}{n}"), t.shape(), t.data()))
+        .collect();
+    write_tensors_mixed(path, &tensors, &tensors64, meta)?;
     Ok(())
 }
 
@@ -133,7 +140,9 @@ pub fn load_checkpoint(
     let version = file.meta("kron.format_version")?;
     if version != FORMAT_VERSION.to_string() {
         return Err(meta(format!(
-            "format version {version}, this build reads {FORMAT_VERSION}"
+            "format version {version}, this build reads {FORMAT_VERSION} (a checkpoint of \
+             another version cannot resume here: start the run again, or resume it with the \
+             kron version that wrote it)"
         )));
     }
     let saved_opt = file.meta("kron.optimizer")?;
@@ -155,6 +164,18 @@ pub fn load_checkpoint(
             .iter()
             .filter_map(|(n, t)| n.strip_prefix(OPTIM).map(|k| (k.to_string(), t.clone())))
             .collect(),
+        tensors64: file
+            .tensors64
+            .iter()
+            .filter_map(|(n, (shape, data))| {
+                let k = n.strip_prefix(OPTIM)?;
+                Some(
+                    Tensor64::new(data.clone(), shape)
+                        .map(|t| (k.to_string(), t))
+                        .map_err(|e| meta(format!("tensor {n:?}: {e}"))),
+                )
+            })
+            .collect::<Result<_, _>>()?,
         meta: ometa,
     };
     opt.load_state(ostate)

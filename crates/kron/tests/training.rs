@@ -321,11 +321,24 @@ fn no_checkpoint_is_saved_that_cannot_be_loaded() {
     save_checkpoint(&path, &p, &opt, &st).unwrap();
     let mut p2 = ParamStore::new();
     let m2 = model(&mut p2, 2);
-    let mut opt2 = Kfac::new(&m2, &p2, KfacConfig::default()).unwrap();
+    let mut opt2 = Kfac::new(&m2, &p2, KfacConfig::new(0.05).with_damping(0.3)).unwrap();
     load_checkpoint(&path, &mut p2, &mut opt2).unwrap();
-    assert_eq!(opt2.learning_rate(), 0.05);
-    assert_eq!(opt2.config().damping, 0.3);
     assert_eq!(opt2.state(), opt.state());
+    // Tunables come from the configuration the run resumes with, not from the file.
+    let mut p3 = ParamStore::new();
+    let m3 = model(&mut p3, 3);
+    let mut opt3 = Kfac::new(&m3, &p3, KfacConfig::new(0.2).with_damping(0.01)).unwrap();
+    load_checkpoint(&path, &mut p3, &mut opt3).unwrap();
+    assert_eq!(opt3.learning_rate(), 0.2);
+    assert_eq!(opt3.damping(), 0.01);
+    // Structural settings must agree: a state of the inverse method does not load into the
+    // eigenbasis method.
+    let eigen = KfacConfig::default().with_method(kron::optim::InverseMethod::Eigen(
+        kron::optim::EigenDamping::Factored,
+    ));
+    let mut opt4 = Kfac::new(&m3, &p3, eigen).unwrap();
+    let e = load_checkpoint(&path, &mut p3, &mut opt4).unwrap_err();
+    assert!(e.to_string().contains("structural field method"), "{e}");
 }
 
 /// An empty dataset is evaluated without a panic: no mean, so the loss is NaN and there is no

@@ -86,7 +86,7 @@ impl fmt::Debug for Mat {
 }
 
 /// A factorization that did not succeed.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LinalgError {
     /// Cholesky met a pivot that could not be made positive.
     NotPositiveDefinite {
@@ -274,5 +274,67 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// default is `false`.
     fn delegates_eigh(&self) -> bool {
         false
+    }
+}
+
+/// A shared backend is a backend: an optimizer can own an `Arc` of one that a program (or a
+/// test) keeps a handle to, to inspect or to share between optimizers.
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn precision(&self) -> Precision {
+        (**self).precision()
+    }
+    fn upload_rows(&self, t: &Tensor, rows: Option<usize>) -> Mat {
+        (**self).upload_rows(t, rows)
+    }
+    fn upload(&self, t: &Tensor) -> Mat {
+        (**self).upload(t)
+    }
+    fn download(&self, m: &Mat) -> Tensor {
+        (**self).download(m)
+    }
+    fn zeros(&self, rows: usize, cols: usize) -> Mat {
+        (**self).zeros(rows, cols)
+    }
+    fn gemm(&self, alpha: f32, a: &Mat, ta: bool, b: &Mat, tb: bool) -> Mat {
+        (**self).gemm(alpha, a, ta, b, tb)
+    }
+    fn factor_ema(&self, acc: &mut Mat, x: &Mat, homogeneous: bool, scale: f32, decay: f32) {
+        (**self).factor_ema(acc, x, homogeneous, scale, decay)
+    }
+    fn add_diag(&self, m: &mut Mat, v: f32) {
+        (**self).add_diag(m, v)
+    }
+    fn scale(&self, m: &mut Mat, s: f32) {
+        (**self).scale(m, s)
+    }
+    fn axpby(&self, alpha: f32, x: &Mat, beta: f32, y: &mut Mat) {
+        (**self).axpby(alpha, x, beta, y)
+    }
+    fn div_outer(&self, m: &mut Mat, left: &[f64], right: &[f64], add: f64) {
+        (**self).div_outer(m, left, right, add)
+    }
+    fn trace(&self, m: &Mat) -> f64 {
+        (**self).trace(m)
+    }
+    fn dot(&self, a: &Mat, b: &Mat) -> f64 {
+        (**self).dot(a, b)
+    }
+    fn is_finite(&self, m: &Mat) -> bool {
+        (**self).is_finite(m)
+    }
+    fn spd_inverse(&self, m: &Mat, damping: f32) -> Result<Inverse, LinalgError> {
+        (**self).spd_inverse(m, damping)
+    }
+    fn eigh(&self, m: &Mat) -> Result<Eigh, LinalgError> {
+        (**self).eigh(m)
+    }
+    fn inv_root(&self, m: &Mat, p: u32, damping: f32) -> Result<Mat, LinalgError> {
+        (**self).inv_root(m, p, damping)
+    }
+    fn delegates_eigh(&self) -> bool {
+        (**self).delegates_eigh()
     }
 }

@@ -1,37 +1,46 @@
-//! One Fisher block's Kronecker factors, their running averages and their inverses.
+//! One Fisher block's Kronecker factors, their running averages, and what a refresh computes
+//! from them: KFAC's (and KFC's) [`CurvatureBlock`].
 
-use kron_autodiff::LayerCapture;
 use kron_layers::FisherBlock;
+use serde::{Deserialize, Serialize};
 
-use super::config::{EigenDamping, InverseMethod, KfacConfig};
+use super::config::{EigenDamping, InverseMethod};
 use crate::backend::{Backend, LinalgError, Mat};
+use crate::curvature::{CurvatureBlock, RefreshOk, Refreshed, StatsInput, StatsSkip, TakeMat};
+use crate::error::OptimError;
 
-/// The cached preconditioner of a block, from its last successful refresh.
+/// A refreshed KFAC block.
 #[derive(Clone, Debug)]
-pub(crate) enum Precond {
+pub enum KfacRefreshed {
     /// Damped inverses of the factors.
-    Inverse { a_inv: Mat, g_inv: Mat },
+    Inverse {
+        /// `(A + γ_A I)^-1`.
+        a_inv: Mat,
+        /// `(G + γ_G I)^-1`.
+        g_inv: Mat,
+    },
     /// Eigenbases and eigenvalues of the (undamped) factors.
     Eigen {
+        /// The eigenvectors of `A`.
         qa: Mat,
+        /// The eigenvalues of `A`, ascending.
         ea: Vec<f64>,
+        /// The eigenvectors of `G`.
         qg: Mat,
+        /// The eigenvalues of `G`, ascending.
         eg: Vec<f64>,
     },
 }
 
-/// A block's state.
+/// A KFAC (dense) or KFC (conv) block: the running averages of `A` (or `Ω`) and `G` (or
+/// `Γ`).
 #[derive(Clone, Debug)]
-pub(crate) struct BlockState {
-    pub(crate) info: FisherBlock,
-    /// Running averages of `A` (or `Ω`) and `G` (or `Γ`), once a statistic has been seen.
-    pub(crate) a: Option<Mat>,
-    pub(crate) g: Option<Mat>,
-    /// Statistics updates so far (for the warm-started decay).
-    pub(crate) updates: u64,
-    pub(crate) precond: Option<Precond>,
-    /// Damping multiplier for the next refresh (1 unless the last one failed).
-    pub(crate) boost: f32,
+pub struct KfacBlock {
+    info: FisherBlock,
+    method: InverseMethod,
+    a: Option<Mat>,
+    g: Option<Mat>,
+    updates: u64,
 }
 
 /// The π rule: `sqrt((tr(A)/dim A) / (tr(G)/dim G))`, 1 when either trace vanishes.
@@ -44,43 +53,83 @@ pub(crate) fn pi(tr_a: f64, dim_a: usize, tr_g: f64, dim_g: usize) -> f64 {
     }
 }
 
-impl BlockState {
-    pub(crate) fn new(info: FisherBlock) -> Self {
-        BlockState {
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum RefreshedMeta {
+    Inverse,
+    Eigen { ea: Vec<f64>, eg: Vec<f64> },
+}
+
+impl KfacBlock {
+    /// A block with no statistics yet.
+    pub fn new(info: FisherBlock, method: InverseMethod) -> Self {
+        KfacBlock {
             info,
+            method,
             a: None,
             g: None,
             updates: 0,
-            precond: None,
-            boost: 1.0,
         }
     }
 
-    /// Folds one capture into the running averages. `Err` (with nothing changed) when the
-    /// capture or the result is not finite.
-    pub(crate) fn update_stats(
+    /// The running averages `(A, G)`, once a statistic has been seen.
+    pub fn factors(&self) -> Option<(&Mat, &Mat)> {
+        Some((self.a.as_ref()?, self.g.as_ref()?))
+    }
+
+    /// The factored damping `(γ_A, γ_G)` for damping `lambda`.
+    fn factored_damping(&self, be: &dyn Backend, lambda: f64) -> (f64, f64) {
+        let (Some(a), Some(g)) = (&self.a, &self.g) else {
+            return (lambda.sqrt(), lambda.sqrt());
+        };
+        let p = pi(
+            be.trace(a),
+            self.info.a_dim(),
+            be.trace(g),
+            self.info.g_dim(),
+        );
+        (p * lambda.sqrt(), lambda.sqrt() / p)
+    }
+}
+
+impl CurvatureBlock for KfacBlock {
+    type Refreshed = KfacRefreshed;
+
+    fn layout(&self) -> &FisherBlock {
+        &self.info
+    }
+
+    fn fresh(&self) -> Self {
+        KfacBlock::new(self.info.clone(), self.method)
+    }
+
+    fn uses_eigh(&self) -> bool {
+        matches!(self.method, InverseMethod::Eigen(_))
+    }
+
+    fn has_statistics(&self) -> bool {
+        self.a.is_some() && self.g.is_some()
+    }
+
+    fn update_statistics(
         &mut self,
-        cap: &LayerCapture,
-        cfg: &KfacConfig,
         be: &dyn Backend,
-    ) -> Result<(), String> {
+        input: &StatsInput<'_>,
+    ) -> Result<(), StatsSkip> {
+        let Some(cap) = input.capture else {
+            return Ok(());
+        };
+        let cfg = input.config;
         if cap.a_dim() != self.info.a_dim() || cap.g_dim() != self.info.g_dim() {
-            return Err(format!(
-                "capture of sizes {}x{} does not fit the block's {}x{}",
-                cap.a_dim(),
-                cap.g_dim(),
-                self.info.a_dim(),
-                self.info.g_dim()
-            ));
+            return Err(StatsSkip::Shape {
+                found: (cap.a_dim(), cap.g_dim()),
+                expected: (self.info.a_dim(), self.info.g_dim()),
+            });
         }
         if !cap.a.all_finite() || !cap.g.all_finite() {
-            return Err(
-                "non-finite activations or gradients captured; statistics not updated".into(),
-            );
+            return Err(StatsSkip::NonFiniteInput);
         }
-        let examples = cfg
-            .stats_examples
-            .map_or(cap.batch, |n| n.clamp(1, cap.batch));
+        let examples = cfg.examples.map_or(cap.batch, |n| n.clamp(1, cap.batch));
         let rows = examples * cap.locations;
         let xa = be.upload_rows(&cap.a, Some(rows));
         let xg = be.upload_rows(&cap.g, Some(rows));
@@ -109,7 +158,7 @@ impl BlockState {
             decay,
         );
         if !be.is_finite(&a) || !be.is_finite(&g) {
-            return Err("statistics overflowed; not updated".into());
+            return Err(StatsSkip::Overflow);
         }
         self.a = Some(a);
         self.g = Some(g);
@@ -117,125 +166,68 @@ impl BlockState {
         Ok(())
     }
 
-    /// The factored damping `(γ_A, γ_G)` for damping `lambda`.
-    pub(crate) fn factored_damping(&self, be: &dyn Backend, lambda: f64) -> (f64, f64) {
-        let (Some(a), Some(g)) = (&self.a, &self.g) else {
-            return (lambda.sqrt(), lambda.sqrt());
-        };
-        let p = pi(
-            be.trace(a),
-            self.info.a_dim(),
-            be.trace(g),
-            self.info.g_dim(),
-        );
-        (p * lambda.sqrt(), lambda.sqrt() / p)
-    }
-
-    /// Recomputes the preconditioner with damping `lambda * boost`. On failure the last good
-    /// one stays and the boost grows by `cfg.failure_factor`; on success the boost returns to 1.
-    /// Returns whether a new preconditioner was computed, and a note for the report, if any.
-    pub(crate) fn refresh(
-        &mut self,
-        cfg: &KfacConfig,
+    fn refresh(
+        &self,
         be: &dyn Backend,
-        lambda: f32,
-    ) -> (bool, Option<String>) {
+        damping: f64,
+    ) -> Result<RefreshOk<KfacRefreshed>, LinalgError> {
         let (Some(a), Some(g)) = (&self.a, &self.g) else {
-            return (false, None);
+            return Err(LinalgError::NonFinite);
         };
-        let eff = lambda as f64 * self.boost as f64;
-        let result: Result<(Precond, usize), LinalgError> = match cfg.method {
+        match self.method {
             InverseMethod::Inverse => {
-                let (ga, gg) = self.factored_damping(be, eff);
-                be.spd_inverse(a, ga as f32).and_then(|ai| {
-                    be.spd_inverse(g, gg as f32).map(|gi| {
-                        (
-                            Precond::Inverse {
-                                a_inv: ai.mat,
-                                g_inv: gi.mat,
-                            },
-                            ai.regularized_pivots + gi.regularized_pivots,
-                        )
-                    })
-                })
-            }
-            InverseMethod::Eigen(_) => be.eigh(a).and_then(|ea| {
-                be.eigh(g).map(|eg| {
-                    (
-                        Precond::Eigen {
-                            qa: ea.vectors,
-                            ea: ea.values,
-                            qg: eg.vectors,
-                            eg: eg.values,
-                        },
-                        0,
-                    )
-                })
-            }),
-        };
-        match result {
-            Ok((p, pivots)) => {
-                let note = (self.boost != 1.0 || pivots > 0).then(|| {
-                    format!(
-                        "{}: refresh succeeded at damping {:.3e}{}",
-                        self.info.path,
-                        eff,
-                        if pivots > 0 {
-                            format!(" after regularizing {pivots} Cholesky pivots")
-                        } else {
-                            String::new()
-                        }
-                    )
-                });
-                self.precond = Some(p);
-                self.boost = 1.0;
-                (true, note)
-            }
-            Err(e) => {
-                self.boost *= cfg.failure_factor;
-                let note = format!(
-                    "{}: refresh failed ({e}) at damping {eff:.3e}; keeping the {} and retrying at {:.3e}",
-                    self.info.path,
-                    if self.precond.is_some() {
-                        "last good preconditioner"
-                    } else {
-                        "first-order fallback"
+                let (ga, gg) = self.factored_damping(be, damping);
+                let ai = be.spd_inverse(a, ga as f32)?;
+                let gi = be.spd_inverse(g, gg as f32)?;
+                Ok(RefreshOk {
+                    regularized_pivots: ai.regularized_pivots + gi.regularized_pivots,
+                    value: KfacRefreshed::Inverse {
+                        a_inv: ai.mat,
+                        g_inv: gi.mat,
                     },
-                    lambda as f64 * self.boost as f64
-                );
-                (false, Some(note))
+                })
+            }
+            // The eigenbases do not depend on the damping, which enters when preconditioning
+            // (the boost with it).
+            InverseMethod::Eigen(_) => {
+                let ea = be.eigh(a)?;
+                let eg = be.eigh(g)?;
+                Ok(RefreshOk::clean(KfacRefreshed::Eigen {
+                    qa: ea.vectors,
+                    ea: ea.values,
+                    qg: eg.vectors,
+                    eg: eg.values,
+                }))
             }
         }
     }
 
-    /// The preconditioned gradient `U` of `v` (the gradient in the `W_aug` layout), or `None`
-    /// before the first successful refresh.
-    pub(crate) fn precondition(
+    fn precondition(
         &self,
-        cfg: &KfacConfig,
         be: &dyn Backend,
+        refreshed: &Refreshed<KfacRefreshed>,
         v: &Mat,
-        lambda: f32,
-    ) -> Option<Mat> {
-        match self.precond.as_ref()? {
-            Precond::Inverse { a_inv, g_inv } => {
+        lambda: f64,
+    ) -> Mat {
+        match &refreshed.value {
+            KfacRefreshed::Inverse { a_inv, g_inv } => {
                 let gv = be.gemm(1.0, g_inv, false, v, false);
-                Some(be.gemm(1.0, &gv, false, a_inv, false))
+                be.gemm(1.0, &gv, false, a_inv, false)
             }
-            Precond::Eigen { qa, ea, qg, eg } => {
+            KfacRefreshed::Eigen { qa, ea, qg, eg } => {
                 let t = be.gemm(1.0, qg, true, v, false);
                 let mut t = be.gemm(1.0, &t, false, qa, false);
                 let ea0: Vec<f64> = ea.iter().map(|x| x.max(0.0)).collect();
                 let eg0: Vec<f64> = eg.iter().map(|x| x.max(0.0)).collect();
-                match cfg.method {
+                match self.method {
                     InverseMethod::Eigen(EigenDamping::Tikhonov) => {
-                        be.div_outer(&mut t, &eg0, &ea0, lambda as f64)
+                        be.div_outer(&mut t, &eg0, &ea0, lambda)
                     }
                     _ => {
                         // π from the factors as they were at the refresh: the eigenvalue
                         // sums are their traces.
                         let p = pi(ea.iter().sum(), ea.len(), eg.iter().sum(), eg.len());
-                        let l = (lambda as f64).sqrt();
+                        let l = lambda.sqrt();
                         let (ga, gg) = (p * l, l / p);
                         let left: Vec<f64> = eg0.iter().map(|x| x + gg).collect();
                         let right: Vec<f64> = ea0.iter().map(|x| x + ga).collect();
@@ -243,25 +235,104 @@ impl BlockState {
                     }
                 }
                 let t = be.gemm(1.0, qg, false, &t, false);
-                Some(be.gemm(1.0, &t, false, qa, true))
+                be.gemm(1.0, &t, false, qa, true)
             }
         }
     }
 
-    /// `d^T F d` for an update `d` in the `W_aug` layout under this block's Kronecker factors:
-    /// `tr(D^T G D A)`.
-    pub(crate) fn quadratic(&self, be: &dyn Backend, d: &Mat) -> f64 {
-        self.bilinear(be, d, d)
-    }
-
-    /// `d^T F e` under this block's Kronecker factors: `tr(D^T G E A)` (zero before any
-    /// statistics).
-    pub(crate) fn bilinear(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> f64 {
+    /// `tr(D^T G E A)` (zero before any statistics).
+    fn bilinear(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> f64 {
         let (Some(a), Some(g)) = (&self.a, &self.g) else {
             return 0.0;
         };
         let gd = be.gemm(1.0, g, false, d, false);
         let ea = be.gemm(1.0, e, false, a, false);
         be.dot(&gd, &ea)
+    }
+
+    fn refresh_cost(&self) -> f64 {
+        let (a, g) = (self.info.a_dim() as f64, self.info.g_dim() as f64);
+        a.powi(3) + g.powi(3)
+    }
+
+    fn statistics(&self) -> Vec<(&'static str, &Mat)> {
+        let mut out = Vec::new();
+        if let Some(a) = &self.a {
+            out.push(("A", a));
+        }
+        if let Some(g) = &self.g {
+            out.push(("G", g));
+        }
+        out
+    }
+
+    fn restore_statistics(
+        &mut self,
+        _be: &dyn Backend,
+        updates: u64,
+        take: &mut TakeMat<'_>,
+    ) -> Result<(), OptimError> {
+        let (da, dg) = (self.info.a_dim(), self.info.g_dim());
+        self.a = Some(take("A", &[da, da])?);
+        self.g = Some(take("G", &[dg, dg])?);
+        self.updates = updates;
+        Ok(())
+    }
+
+    fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    fn export_refreshed(&self, r: &KfacRefreshed) -> (Vec<(&'static str, Mat)>, serde_json::Value) {
+        let (mats, meta) = match r {
+            KfacRefreshed::Inverse { a_inv, g_inv } => (
+                vec![("A_inv", a_inv.clone()), ("G_inv", g_inv.clone())],
+                RefreshedMeta::Inverse,
+            ),
+            KfacRefreshed::Eigen { qa, ea, qg, eg } => (
+                vec![("QA", qa.clone()), ("QG", qg.clone())],
+                RefreshedMeta::Eigen {
+                    ea: ea.clone(),
+                    eg: eg.clone(),
+                },
+            ),
+        };
+        (
+            mats,
+            serde_json::to_value(meta).expect("KFAC block metadata serializes"),
+        )
+    }
+
+    fn import_refreshed(
+        &self,
+        _be: &dyn Backend,
+        meta: &serde_json::Value,
+        take: &mut TakeMat<'_>,
+    ) -> Result<KfacRefreshed, OptimError> {
+        let p = &self.info.path;
+        let bad = |detail: String| OptimError::BadState { detail };
+        let meta: RefreshedMeta = serde_json::from_value(meta.clone())
+            .map_err(|e| bad(format!("{p}: refreshed result: {e}")))?;
+        let (da, dg) = (self.info.a_dim(), self.info.g_dim());
+        match (meta, self.method) {
+            (RefreshedMeta::Inverse, InverseMethod::Inverse) => Ok(KfacRefreshed::Inverse {
+                a_inv: take("A_inv", &[da, da])?,
+                g_inv: take("G_inv", &[dg, dg])?,
+            }),
+            (RefreshedMeta::Eigen { ea, eg }, InverseMethod::Eigen(_)) => {
+                if ea.len() != da || eg.len() != dg {
+                    return Err(bad(format!("{p}: eigenvalue counts do not fit the block")));
+                }
+                Ok(KfacRefreshed::Eigen {
+                    qa: take("QA", &[da, da])?,
+                    ea,
+                    qg: take("QG", &[dg, dg])?,
+                    eg,
+                })
+            }
+            _ => Err(bad(format!(
+                "{p}: the saved refreshed result is of another inverse method"
+            ))),
+        }
     }
 }
