@@ -94,7 +94,7 @@ impl fmt::Display for TensorFileError {
             ),
             TensorFileError::Dtype { path, name, found } => write!(
                 f,
-                "{}: tensor {name:?} is stored as {found}, expected F32 or F64",
+                "{}: tensor {name:?} is stored as {found}, expected F32",
                 path.display()
             ),
             TensorFileError::Metadata { path, detail } => {
@@ -140,14 +140,22 @@ impl TensorFile {
     }
 
     /// A tensor by name, checking its shape if `expected` is given.
+    /// A tensor stored as `F64` is a [`TensorFileError::Dtype`] here (this reads `f32` ones).
     pub fn get(&self, name: &str, expected: Option<&[usize]>) -> Result<&Tensor, TensorFileError> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| TensorFileError::Missing {
-                path: self.path.clone(),
-                name: name.to_string(),
-            })?;
+        let t = self.tensors.get(name).ok_or_else(|| {
+            if self.tensors64.contains_key(name) {
+                TensorFileError::Dtype {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    found: "F64".into(),
+                }
+            } else {
+                TensorFileError::Missing {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                }
+            }
+        })?;
         if let Some(shape) = expected
             && t.shape() != shape
         {

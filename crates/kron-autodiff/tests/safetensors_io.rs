@@ -309,20 +309,53 @@ fn truncated_file_is_a_format_error() {
 #[test]
 fn other_dtype_is_named() {
     let file = TempFile::new("dtype");
-    let bytes: Vec<u8> = [1.0f64, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes: Vec<u8> = [1i32, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
     let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![2], &bytes).unwrap();
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![2], &bytes).unwrap();
     let data = safetensors::serialize(vec![("conv.bias", view)], None).unwrap();
     std::fs::write(&file.0, data).unwrap();
     let err = load_fails(&model(), &file.0);
     match &err {
         TensorFileError::Dtype { name, found, .. } => {
             assert_eq!(name, "conv.bias");
-            assert!(found.contains("F64"), "{found}");
+            assert!(found.contains("I32"), "{found}");
         }
         other => panic!("expected Dtype, got {other:?}"),
     }
     assert!(err.to_string().contains("\"conv.bias\""), "{err}");
+}
+
+/// `f64` tensors read (optimizer statistics are stored so), but a parameter stored as `f64`
+/// is named as of the wrong type, not as missing.
+#[test]
+fn f64_tensors_read_and_an_f64_parameter_is_named() {
+    let file = TempFile::new("dtype64");
+    let m = model();
+    let first = m
+        .iter()
+        .next()
+        .map(|(_, n, t)| (n.to_string(), t.shape().to_vec()))
+        .unwrap();
+    let n: usize = first.1.iter().product();
+    let bytes: Vec<u8> = (0..n)
+        .flat_map(|i| (i as f64 * 0.5).to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F64, first.1.clone(), &bytes)
+            .unwrap();
+    let data = safetensors::serialize(vec![(first.0.as_str(), view)], None).unwrap();
+    std::fs::write(&file.0, data).unwrap();
+    let read = read_tensors(&file.0).unwrap();
+    let (shape, values) = &read.tensors64[&first.0];
+    assert_eq!(shape, &first.1);
+    assert_eq!(values[3], 1.5);
+    match load_fails(&m, &file.0) {
+        TensorFileError::Dtype { name, found, .. } => {
+            assert_eq!(name, first.0);
+            assert_eq!(found, "F64");
+        }
+        other => panic!("expected Dtype, got {other:?}"),
+    }
 }
 
 #[test]

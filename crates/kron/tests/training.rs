@@ -43,6 +43,24 @@ fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
             )
             .unwrap(),
         ),
+        // Statistics and refreshed results in f64, checkpointed as F64 tensors.
+        "kfac-f64" | "kfac-eigen-f64" => {
+            let mut cfg = KfacConfig::default()
+                .with_inverse_period(2)
+                .with_precision(kron::optim::Precision::F64);
+            if kind == "kfac-eigen-f64" {
+                cfg = cfg.with_method(InverseMethod::Eigen(EigenDamping::Factored));
+            }
+            Box::new(
+                Kfac::with_backend(
+                    blocks,
+                    store,
+                    cfg,
+                    Box::new(kron::optim::CpuBackend::new(kron::optim::Precision::F64)),
+                )
+                .unwrap(),
+            )
+        }
         "kfac-eigen-lm" => Box::new(
             Kfac::with_backend(
                 blocks,
@@ -90,7 +108,15 @@ fn temp(name: &str) -> std::path::PathBuf {
 #[test]
 fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
     let (x, y) = data();
-    for kind in ["sgd", "adam", "kfac", "kfac-eigen-lm", "kfac-quadratic-lm"] {
+    for kind in [
+        "sgd",
+        "adam",
+        "kfac",
+        "kfac-f64",
+        "kfac-eigen-f64",
+        "kfac-eigen-lm",
+        "kfac-quadratic-lm",
+    ] {
         // Uninterrupted: 6 steps.
         let mut p1 = ParamStore::new();
         let m1 = model(&mut p1, 1);
@@ -157,6 +183,13 @@ fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
             )
             .unwrap();
             losses3.push(out.loss);
+        }
+        if kind.contains("f64") {
+            let st = o2.state();
+            assert!(
+                !st.tensors64.is_empty() && st.tensors.keys().all(|n| n.contains("velocity")),
+                "{kind}: f64 statistics are stored as f64"
+            );
         }
         assert_eq!(p3, p1, "{kind}: parameters differ after resume");
         assert_eq!(o3.state(), o1.state(), "{kind}: optimizer state differs");
