@@ -193,21 +193,20 @@ impl<B: CurvatureBlock> Driver<B> {
     /// block's gradient `v`, or `None` before a usable refresh. For tests and analysis.
     pub fn precondition(&self, path: &str, v: &Tensor) -> Option<Tensor> {
         let i = self.blocks.iter().position(|b| b.layout().path == path)?;
+        self.direction(&self.blocks[i], &self.refresh[i], v)
+    }
+
+    /// The direction a block's usable refreshed result gives for its gradient `v`, at the
+    /// damping in force times the boost the result was refreshed at.
+    fn direction(&self, b: &B, r: &Refreshing<B::Refreshed>, v: &Tensor) -> Option<Tensor> {
         let be = self.backend.as_ref();
-        let r = self.refresh[i].usable(&self.config.refresh.failure)?;
+        let r = r.usable(&self.config.refresh.failure)?;
         let lambda = self.damping as f64 * r.boost;
-        let u = self.blocks[i].precondition(be, r, &be.upload(v), lambda);
-        Some(be.download(&u))
+        Some(be.download(&b.precondition(be, r, &be.upload(v), lambda)))
     }
 
     fn is_stats_step(&self, b: &B) -> bool {
-        let s = &self.config.statistics;
-        let period = if b.layout().is_conv() {
-            s.conv_period
-        } else {
-            s.period
-        };
-        self.step.is_multiple_of(period.max(1))
+        is_due(&self.config.statistics, b.layout(), self.step)
     }
 
     fn adapts_now(&self) -> bool {
@@ -340,21 +339,20 @@ impl<B: CurvatureBlock> Driver<B> {
     ) {
         let be = self.backend.as_ref();
         let scfg = self.config.statistics;
-        let due: Vec<bool> = self.blocks.iter().map(|b| self.is_stats_step(b)).collect();
+        let step = self.step;
         // Block after block: each factor product is a GEMM large enough to split its output
         // among the threads itself (running blocks side by side on top of GEMMs that had
         // threads of their own measured 201.8 against 167.7 ms a step on the autoencoder at
         // batch 1000, 2 cores).
         let mut any = false;
-        for (b, due) in self.blocks.iter_mut().zip(due) {
-            let info = b.layout().clone();
+        for b in &mut self.blocks {
             let capture = if b.wants_capture() {
-                curvature.get(&info.layer)
+                curvature.get(&b.layout().layer)
             } else {
                 None
             };
-            let gradient = (b.wants_gradient() && due)
-                .then(|| joined_gradient(&info, params, grads))
+            let gradient = (b.wants_gradient() && is_due(&scfg, b.layout(), step))
+                .then(|| joined_gradient(b.layout(), params, grads))
                 .flatten();
             if capture.is_none() && gradient.is_none() {
                 continue;
@@ -367,7 +365,7 @@ impl<B: CurvatureBlock> Driver<B> {
             match b.update_statistics(be, &input) {
                 Ok(()) => any = true,
                 Err(reason) => report.notes.push(Note::StatsSkipped {
-                    block: info.path,
+                    block: b.layout().path.clone(),
                     reason,
                 }),
             }
@@ -415,7 +413,6 @@ impl<B: CurvatureBlock> Driver<B> {
         grads: &Gradients,
         report: &mut StepReport,
     ) -> Vec<Option<BlockUpdate>> {
-        let be = self.backend.as_ref();
         let cfg = &self.config;
         let quadratic = cfg.step.rule == StepRule::QuadraticModel;
         let wd = cfg.step.weight_decay.coefficient;
@@ -433,10 +430,7 @@ impl<B: CurvatureBlock> Driver<B> {
                         info.join(params.get(info.weight), info.bias.map(|id| params.get(id)));
                     v = v.add(&theta.scale(wd));
                 }
-                let u = r.usable(policy).map(|r| {
-                    let lambda = self.damping as f64 * r.boost;
-                    be.download(&b.precondition(be, r, &be.upload(&v), lambda))
-                });
+                let u = self.direction(b, r, &v);
                 if u.is_none()
                     && let Some(n) = r.fallback_note(policy, &info.path)
                 {
@@ -968,6 +962,17 @@ impl<B: CurvatureBlock> Optimizer for Driver<B> {
     fn load_state(&mut self, state: OptimState) -> Result<(), OptimError> {
         self.import(state)
     }
+}
+
+/// Whether a block's statistics are due at `step` (dense and conv blocks have their own
+/// periods).
+fn is_due(s: &super::config::StatisticsConfig, info: &kron_layers::FisherBlock, step: u64) -> bool {
+    let period = if info.is_conv() {
+        s.conv_period
+    } else {
+        s.period
+    };
+    step.is_multiple_of(period.max(1))
 }
 
 /// A block's gradient joined into the `W_aug` layout (a missing bias gradient as zeros), or

@@ -196,30 +196,24 @@ impl Grafting {
         self.steps[slot] += 1;
         let t = self.steps[slot];
         let (m, v) = (&mut self.first[slot], &mut self.second[slot]);
+        if !matches!(self.graft, Graft::Sgd) {
+            assert_eq!(v.len(), g.len(), "Grafting::apply: slot {slot} size");
+        }
+        // AdaGrad and RMSProp differ only in how the second moment accumulates.
+        let rms = |v: &mut Vec<f32>, keep: f32, add: f32, eps: f32| -> Vec<f32> {
+            g.iter()
+                .zip(v.iter_mut())
+                .map(|(&g, v)| {
+                    *v = keep * *v + add * g * g;
+                    g / (v.sqrt() + eps)
+                })
+                .collect()
+        };
         let step: Vec<f32> = match self.graft {
             Graft::Sgd => g.to_vec(),
-            Graft::AdaGrad { eps } => {
-                assert_eq!(v.len(), g.len(), "Grafting::apply: slot {slot} size");
-                g.iter()
-                    .zip(v.iter_mut())
-                    .map(|(&g, v)| {
-                        *v += g * g;
-                        g / (v.sqrt() + eps)
-                    })
-                    .collect()
-            }
-            Graft::RmsProp { beta2, eps } => {
-                assert_eq!(v.len(), g.len(), "Grafting::apply: slot {slot} size");
-                g.iter()
-                    .zip(v.iter_mut())
-                    .map(|(&g, v)| {
-                        *v = beta2 * *v + (1.0 - beta2) * g * g;
-                        g / (v.sqrt() + eps)
-                    })
-                    .collect()
-            }
+            Graft::AdaGrad { eps } => rms(v, 1.0, 1.0, eps),
+            Graft::RmsProp { beta2, eps } => rms(v, beta2, 1.0 - beta2, eps),
             Graft::Adam { beta1, beta2, eps } => {
-                assert_eq!(v.len(), g.len(), "Grafting::apply: slot {slot} size");
                 let bc1 = 1.0 - beta1.powi(t.min(i32::MAX as u64) as i32);
                 let bc2 = 1.0 - beta2.powi(t.min(i32::MAX as u64) as i32);
                 g.iter()
