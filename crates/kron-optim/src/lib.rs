@@ -11,6 +11,7 @@
 //! would overflow a parameter is refused ([`OptimError::NonFiniteUpdate`]) with the
 //! parameters unchanged.
 
+pub mod adaptive;
 pub mod backend;
 pub mod curvature;
 mod error;
@@ -20,7 +21,11 @@ mod optimizer;
 mod schedule;
 mod validate;
 
-pub use backend::{Backend, CpuBackend, Precision};
+pub use adaptive::{
+    Adaptive, AdaptiveConfig, BlockingConfig, KrAdagrad, KrAdagradStar, RootMethod, Shampoo,
+    TensorLayout,
+};
+pub use backend::{Backend, CpuBackend, Precision, Ridge};
 pub use curvature::{
     CoreConfig, CurvatureBlock, CurvatureProducts, DampingConfig, Driver, FailurePolicy, Fallback,
     Graft, LevenbergMarquardt, Momentum, Note, RefreshConfig, StatisticsConfig, StepConfig,

@@ -443,13 +443,13 @@ impl Backend for Flaky {
     fn factor_ema(&self, acc: &mut Mat, x: &Mat, h: bool, s: f32, d: f32) {
         self.inner.factor_ema(acc, x, h, s, d)
     }
-    fn add_diag(&self, m: &mut Mat, v: f32) {
+    fn add_diag(&self, m: &mut Mat, v: f64) {
         self.inner.add_diag(m, v)
     }
-    fn scale(&self, m: &mut Mat, s: f32) {
+    fn scale(&self, m: &mut Mat, s: f64) {
         self.inner.scale(m, s)
     }
-    fn axpby(&self, a: f32, x: &Mat, b: f32, y: &mut Mat) {
+    fn axpby(&self, a: f64, x: &Mat, b: f64, y: &mut Mat) {
         self.inner.axpby(a, x, b, y)
     }
     fn div_outer(&self, m: &mut Mat, l: &[f64], r: &[f64], add: f64) {

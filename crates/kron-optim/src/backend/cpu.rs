@@ -3,7 +3,7 @@
 
 use kron_autodiff::{GemmScalar, MatMut, MatRef, Tensor, gemm_strided};
 
-use super::{Backend, Eigh, Inverse, LinalgError, Mat, Precision, Store, linalg};
+use super::{Backend, Eigh, Inverse, LinalgError, Mat, Precision, Ridge, Store, linalg};
 
 /// Matrix primitives on the host. GEMMs split their output among rayon's threads
 /// ([`gemm_strided`]), factorizations are sequential inside (callers parallelize across
@@ -303,19 +303,19 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn add_diag(&self, m: &mut Mat, v: f32) {
+    fn add_diag(&self, m: &mut Mat, v: f64) {
         let n = m.rows.min(m.cols);
         let c = m.cols;
         match &mut m.store {
             Store::F32(t) => {
                 let d = t.data_mut();
                 for i in 0..n {
-                    d[i * c + i] += v;
+                    d[i * c + i] += v as f32;
                 }
             }
             Store::F64(d) => {
                 for i in 0..n {
-                    d[i * c + i] += v as f64;
+                    d[i * c + i] += v;
                 }
             }
             #[cfg(feature = "wgpu")]
@@ -323,15 +323,14 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn scale(&self, m: &mut Mat, s: f32) {
-        let s = s as f64;
+    fn scale(&self, m: &mut Mat, s: f64) {
         each_mut!(m, |x| x * s);
     }
 
-    fn axpby(&self, alpha: f32, x: &Mat, beta: f32, y: &mut Mat) {
+    fn axpby(&self, alpha: f64, x: &Mat, beta: f64, y: &mut Mat) {
         assert_eq!(x.dims(), y.dims(), "Backend::axpby: {x:?} vs {y:?}");
         let xs = as_f64(x);
-        let (a, b) = (alpha as f64, beta as f64);
+        let (a, b) = (alpha, beta);
         match &mut y.store {
             Store::F32(t) => {
                 for (yv, xv) in t.data_mut().iter_mut().zip(&xs) {
@@ -437,6 +436,102 @@ impl Backend for CpuBackend {
         assert_eq!(m.rows, m.cols, "Backend::inv_root: {m:?} is not square");
         let r = linalg::inv_root(&as_f64(m), m.rows, p, damping as f64)?;
         Ok(self.make(m.rows, m.cols, r))
+    }
+
+    fn gemm_acc(&self, beta: f64, c: &mut Mat, alpha: f64, a: &Mat, ta: bool, b: &Mat, tb: bool) {
+        let (m, k) = if ta {
+            (a.cols, a.rows)
+        } else {
+            (a.rows, a.cols)
+        };
+        let (k2, n) = if tb {
+            (b.cols, b.rows)
+        } else {
+            (b.rows, b.cols)
+        };
+        assert!(
+            k == k2 && (m, n) == c.dims(),
+            "Backend::gemm_acc: {a:?} x {b:?} (ta {ta}, tb {tb}) does not fit {c:?}"
+        );
+        match (&a.store, &b.store, &mut c.store) {
+            (Store::F32(x), Store::F32(y), Store::F32(z)) => {
+                kron_autodiff::gemm(
+                    m,
+                    k,
+                    n,
+                    alpha as f32,
+                    x.data(),
+                    ta,
+                    y.data(),
+                    tb,
+                    beta as f32,
+                    z.data_mut(),
+                );
+            }
+            (_, _, Store::F64(z)) => {
+                let (x, y) = (as_f64(a), as_f64(b));
+                gemm_f64(m, k, n, alpha, &x, ta, &y, tb, beta, z, n);
+            }
+            _ => {
+                let p = self.gemm(alpha as f32, a, ta, b, tb);
+                self.axpby(1.0, &p, beta, c);
+            }
+        }
+    }
+
+    fn symmetrize(&self, m: &mut Mat) {
+        assert_eq!(m.rows, m.cols, "Backend::symmetrize: {m:?} is not square");
+        let n = m.rows;
+        macro_rules! sym {
+            ($d:expr) => {
+                for i in 0..n {
+                    for j in 0..i {
+                        let v = 0.5 * ($d[i * n + j] + $d[j * n + i]);
+                        $d[i * n + j] = v;
+                        $d[j * n + i] = v;
+                    }
+                }
+            };
+        }
+        match &mut m.store {
+            Store::F32(t) => {
+                let d = t.data_mut();
+                sym!(d)
+            }
+            Store::F64(d) => sym!(d),
+            #[cfg(feature = "wgpu")]
+            Store::Gpu(_) => foreign(),
+        }
+    }
+
+    fn sym_power(
+        &self,
+        m: &Mat,
+        p: f64,
+        ridge: Ridge,
+        precision: Precision,
+    ) -> Result<Mat, LinalgError> {
+        assert_eq!(m.rows, m.cols, "Backend::sym_power: {m:?} is not square");
+        let n = m.rows;
+        let out: Vec<f64> = match (precision, &m.store) {
+            (Precision::F32, Store::F32(t)) => linalg::sym_power::<f32>(t.data(), n, p, ridge)?
+                .into_iter()
+                .map(|x| x as f64)
+                .collect(),
+            (Precision::F32, _) => {
+                let a: Vec<f32> = as_f64(m).into_iter().map(|x| x as f32).collect();
+                linalg::sym_power::<f32>(&a, n, p, ridge)?
+                    .into_iter()
+                    .map(|x| x as f64)
+                    .collect()
+            }
+            (Precision::F64, _) => linalg::sym_power::<f64>(&as_f64(m), n, p, ridge)?,
+        };
+        let r = self.make(n, n, out);
+        if !self.is_finite(&r) {
+            return Err(LinalgError::NonFinite);
+        }
+        Ok(r)
     }
 }
 

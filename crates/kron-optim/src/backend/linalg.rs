@@ -10,7 +10,9 @@ use faer::linalg::cholesky::llt::inverse::{inverse, inverse_scratch};
 use faer::linalg::evd::{ComputeEigenvectors, self_adjoint_evd, self_adjoint_evd_scratch};
 use faer::{Mat, Par};
 
-use super::LinalgError;
+use kron_autodiff::{GemmScalar, MatMut, MatRef, gemm_strided};
+
+use super::{LinalgError, Ridge};
 
 /// Regularization threshold and replacement for Cholesky pivots, relative to the largest
 /// diagonal entry: pivots below `1e-12 * max_diag` (f64) are replaced.
@@ -71,19 +73,52 @@ pub(crate) fn spd_inverse(
     Ok((v, info.dynamic_regularization_count))
 }
 
+/// The element types the host factorizations run in.
+pub(crate) trait Real:
+    faer::traits::RealField + GemmScalar + Copy + Send + Sync + 'static
+{
+    /// Widened.
+    fn to_f64(self) -> f64;
+    /// Narrowed (rounded to nearest).
+    fn from_f64(x: f64) -> Self;
+}
+
+impl Real for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+}
+
+impl Real for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
 /// Symmetric eigendecomposition of a row-major `n x n` matrix (lower triangle read):
 /// eigenvectors row-major as columns, eigenvalues ascending.
 pub(crate) fn eigh(a: &[f64], n: usize) -> Result<(Vec<f64>, Vec<f64>), LinalgError> {
-    if a.iter().any(|v| !v.is_finite()) {
+    eigh_in::<f64>(a, n)
+}
+
+/// [`eigh`] computed in `T` (`f32` or `f64`), eigenvalues widened to `f64`.
+pub(crate) fn eigh_in<T: Real>(a: &[T], n: usize) -> Result<(Vec<T>, Vec<f64>), LinalgError> {
+    if a.iter().any(|v| !v.to_f64().is_finite()) {
         return Err(LinalgError::NonFinite);
     }
-    let m = to_faer(a, n);
+    let m = Mat::<T>::from_fn(n, n, |i, j| a[i * n + j]);
     let par = Par::Seq;
-    let req = self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, par, Default::default());
+    let req = self_adjoint_evd_scratch::<T>(n, ComputeEigenvectors::Yes, par, Default::default());
     let mut buf = MemBuffer::new(req);
     let stack = MemStack::new(&mut buf);
-    let mut s = faer::diag::Diag::<f64>::zeros(n);
-    let mut u = Mat::<f64>::zeros(n, n);
+    let mut s = faer::diag::Diag::<T>::zeros(n);
+    let mut u = Mat::<T>::zeros(n, n);
     self_adjoint_evd(
         m.as_ref(),
         s.as_mut(),
@@ -93,17 +128,63 @@ pub(crate) fn eigh(a: &[f64], n: usize) -> Result<(Vec<f64>, Vec<f64>), LinalgEr
         Default::default(),
     )
     .map_err(|_| LinalgError::NoConvergence)?;
-    let values: Vec<f64> = (0..n).map(|i| s[i]).collect();
-    let mut vectors = vec![0.0f64; n * n];
+    let values: Vec<f64> = (0..n).map(|i| s[i].to_f64()).collect();
+    let mut vectors = Vec::with_capacity(n * n);
     for i in 0..n {
         for j in 0..n {
-            vectors[i * n + j] = u[(i, j)];
+            vectors.push(u[(i, j)]);
         }
     }
-    if values.iter().chain(&vectors).any(|x| !x.is_finite()) {
+    if values.iter().any(|x| !x.is_finite()) || vectors.iter().any(|x| !x.to_f64().is_finite()) {
         return Err(LinalgError::NonFinite);
     }
     Ok((vectors, values))
+}
+
+/// `Q diag(f(e)) Q^T` of a symmetric `n x n` row-major matrix with eigendecomposition
+/// `Q diag(e) Q^T` computed in `T`; `f` gets the eigenvalues and the largest one (at least 0).
+pub(crate) fn spectral_map<T: Real>(
+    a: &[T],
+    n: usize,
+    f: impl Fn(f64, f64) -> f64,
+) -> Result<Vec<T>, LinalgError> {
+    let (q, e) = eigh_in::<T>(a, n)?;
+    let top = e.last().copied().unwrap_or(0.0).max(0.0);
+    let d: Vec<f64> = e.iter().map(|&x| f(x, top)).collect();
+    if d.iter().any(|x| !x.is_finite()) {
+        return Err(LinalgError::NonFinite);
+    }
+    let mut qd = q.clone();
+    for row in qd.chunks_mut(n.max(1)) {
+        for (x, &dk) in row.iter_mut().zip(&d) {
+            *x = T::from_f64(x.to_f64() * dk);
+        }
+    }
+    let mut out = vec![T::from_f64(0.0); n * n];
+    if n > 0 {
+        gemm_strided(
+            T::from_f64(1.0),
+            MatRef::row_major_op(&qd, n, n, false),
+            MatRef::row_major_op(&q, n, n, true),
+            T::from_f64(0.0),
+            MatMut::new(&mut out, n, n, n, 1),
+        );
+    }
+    if out.iter().any(|x| !x.to_f64().is_finite()) {
+        return Err(LinalgError::NonFinite);
+    }
+    Ok(out)
+}
+
+/// `(a+ + eps I)^p` for a symmetric `a` in `T`, where `a+` floors the eigenvalues at 0 and
+/// `eps` is the ridge at the largest eigenvalue.
+pub(crate) fn sym_power<T: Real>(
+    a: &[T],
+    n: usize,
+    p: f64,
+    ridge: Ridge,
+) -> Result<Vec<T>, LinalgError> {
+    spectral_map(a, n, |x, top| (x.max(0.0) + ridge.at(top)).powf(p))
 }
 
 /// `(a + damping I)^(-1/p)` through the eigendecomposition, eigenvalues clamped at zero before

@@ -13,6 +13,7 @@
 //! why not otherwise, so programs can offer `--backend wgpu` without `#[cfg]`.
 
 mod cpu;
+pub mod iterate;
 pub(crate) mod linalg;
 #[cfg(feature = "wgpu")]
 mod wgpu;
@@ -23,8 +24,9 @@ use kron_autodiff::Tensor;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "wgpu")]
-pub use self::wgpu::{IterationConfig, IterationReport, WgpuBackend};
+pub use self::wgpu::WgpuBackend;
 pub use cpu::CpuBackend;
+pub use iterate::{IterationConfig, IterationReport, coupled_newton, largest_eigenvalue};
 
 /// The element type a backend keeps statistics and factorizations in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +73,62 @@ impl Mat {
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
     }
+
+    /// The same elements, row-major, as a `rows x cols` matrix (no copy).
+    ///
+    /// # Panics
+    /// If the element counts differ.
+    pub fn reshaped(&self, rows: usize, cols: usize) -> Mat {
+        assert_eq!(
+            rows * cols,
+            self.rows * self.cols,
+            "Mat::reshaped: {self:?} into {rows}x{cols}"
+        );
+        let store = match &self.store {
+            Store::F32(t) => Store::F32(t.reshape(&[rows, cols])),
+            other => other.clone(),
+        };
+        Mat { rows, cols, store }
+    }
+}
+
+/// The `rows x cols` matrix whose `i`-th element (row-major) is element `index[i]` of `m`, in
+/// `m`'s own element type: the host-side permutation behind tensor unfoldings and sub-block
+/// takes (a matrix in a GPU buffer goes through the host).
+pub(crate) fn gather_elements(
+    be: &dyn Backend,
+    m: &Mat,
+    index: &[usize],
+    rows: usize,
+    cols: usize,
+) -> Mat {
+    assert_eq!(
+        index.len(),
+        rows * cols,
+        "gather_elements: {} indices for {rows}x{cols}",
+        index.len()
+    );
+    let store = match &m.store {
+        Store::F32(t) => {
+            let d = t.data();
+            Store::F32(Tensor::from_vec(
+                index.iter().map(|&i| d[i]).collect(),
+                &[rows, cols],
+            ))
+        }
+        Store::F64(d) => Store::F64(index.iter().map(|&i| d[i]).collect()),
+        #[cfg(feature = "wgpu")]
+        Store::Gpu(_) => {
+            let t = be.download(m);
+            let d = t.data();
+            return be.upload(&Tensor::from_vec(
+                index.iter().map(|&i| d[i]).collect(),
+                &[rows, cols],
+            ));
+        }
+    };
+    let _ = be;
+    Mat { rows, cols, store }
 }
 
 impl fmt::Debug for Mat {
@@ -207,6 +265,41 @@ pub struct Eigh {
     pub values: Vec<f64>,
 }
 
+/// The ridge `eps` a symmetric matrix power adds to the eigenvalues (after flooring them at 0).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Ridge {
+    /// A fixed `eps`.
+    Absolute(f64),
+    /// `eps` times the largest eigenvalue (optax's `relative_matrix_epsilon`): the same relative
+    /// floor whatever the statistics' scale.
+    Relative(f64),
+}
+
+impl Ridge {
+    /// The ridge for a matrix whose largest eigenvalue is `largest`.
+    pub fn at(self, largest: f64) -> f64 {
+        match self {
+            Ridge::Absolute(e) => e,
+            Ridge::Relative(e) => e * largest.max(0.0),
+        }
+    }
+
+    /// The same kind of ridge, `factor` times larger (the failure policy's boost).
+    pub fn boosted(self, factor: f64) -> Ridge {
+        match self {
+            Ridge::Absolute(e) => Ridge::Absolute(e * factor),
+            Ridge::Relative(e) => Ridge::Relative(e * factor),
+        }
+    }
+
+    /// The coefficient.
+    pub fn value(self) -> f64 {
+        match self {
+            Ridge::Absolute(e) | Ridge::Relative(e) => e,
+        }
+    }
+}
+
 /// Matrix primitives for the optimizers' math. Object-safe: optimizers hold a
 /// `Box<dyn Backend>` chosen at run time.
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -239,13 +332,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn factor_ema(&self, acc: &mut Mat, x: &Mat, homogeneous: bool, scale: f32, decay: f32);
 
     /// `m <- m + v I`.
-    fn add_diag(&self, m: &mut Mat, v: f32);
+    fn add_diag(&self, m: &mut Mat, v: f64);
 
     /// `m <- s m`.
-    fn scale(&self, m: &mut Mat, s: f32);
+    fn scale(&self, m: &mut Mat, s: f64);
 
     /// `y <- alpha x + beta y`.
-    fn axpby(&self, alpha: f32, x: &Mat, beta: f32, y: &mut Mat);
+    fn axpby(&self, alpha: f64, x: &Mat, beta: f64, y: &mut Mat);
 
     /// `m_ij <- m_ij / (left_i * right_j + add)` (the eigenbasis preconditioner's division).
     fn div_outer(&self, m: &mut Mat, left: &[f64], right: &[f64], add: f64);
@@ -268,6 +361,69 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// `(m + damping I)^(-1/p)` for a symmetric positive semi-definite `m`.
     fn inv_root(&self, m: &Mat, p: u32, damping: f32) -> Result<Mat, LinalgError>;
+
+    /// `C <- beta C + alpha op(a) op(b)`: the accumulating product (Shampoo's `L += G G^T`).
+    /// The default forms the product and adds it.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_acc(&self, beta: f64, c: &mut Mat, alpha: f64, a: &Mat, ta: bool, b: &Mat, tb: bool) {
+        let p = self.gemm(alpha as f32, a, ta, b, tb);
+        assert_eq!(
+            p.dims(),
+            c.dims(),
+            "Backend::gemm_acc: product of {a:?} and {b:?} (ta {ta}, tb {tb}) does not fit {c:?}"
+        );
+        self.axpby(1.0, &p, beta, c);
+    }
+
+    /// `m <- (m + m^T) / 2` for a square `m`. The default goes through the host.
+    fn symmetrize(&self, m: &mut Mat) {
+        assert_eq!(m.rows, m.cols, "Backend::symmetrize: {m:?} is not square");
+        let mut t = self.download(m);
+        let n = m.rows;
+        let d = t.data_mut();
+        for i in 0..n {
+            for j in 0..i {
+                let v = 0.5 * (d[i * n + j] + d[j * n + i]);
+                d[i * n + j] = v;
+                d[j * n + i] = v;
+            }
+        }
+        *m = self.upload(&t);
+    }
+
+    /// `(m+ + eps I)^p` for a symmetric `m` and any real `p`, through the eigendecomposition
+    /// `m = Q diag(e) Q^T` computed in `precision`: the eigenvalues are floored at 0, the ridge
+    /// `eps` (absolute, or relative to the largest eigenvalue) is added, and the result is
+    /// `Q diag((max(e, 0) + eps)^p) Q^T` (Shampoo's `-1/(2k)`, KrADagrad's `1/4`, `1/2`). A
+    /// non-finite input or result (a negative `p` on a singular matrix without a ridge) is
+    /// [`LinalgError::NonFinite`]. The default decomposes on the host (as [`Backend::eigh`] does
+    /// on a GPU).
+    fn sym_power(
+        &self,
+        m: &Mat,
+        p: f64,
+        ridge: Ridge,
+        precision: Precision,
+    ) -> Result<Mat, LinalgError> {
+        assert_eq!(m.rows, m.cols, "Backend::sym_power: {m:?} is not square");
+        let t = self.download(m);
+        let n = m.rows;
+        let out: Vec<f32> = match precision {
+            Precision::F32 => linalg::sym_power::<f32>(t.data(), n, p, ridge)?,
+            Precision::F64 => {
+                let a: Vec<f64> = t.data().iter().map(|&x| x as f64).collect();
+                linalg::sym_power::<f64>(&a, n, p, ridge)?
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect()
+            }
+        };
+        let r = Tensor::from_vec(out, &[n, n]);
+        if !r.all_finite() {
+            return Err(LinalgError::NonFinite);
+        }
+        Ok(self.upload(&r))
+    }
 
     /// Whether [`Backend::eigh`] leaves the backend's device: it downloads, decomposes on the
     /// host CPU and uploads (the wgpu backend does). Optimizers say so in their reports. The
@@ -304,13 +460,13 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     fn factor_ema(&self, acc: &mut Mat, x: &Mat, homogeneous: bool, scale: f32, decay: f32) {
         (**self).factor_ema(acc, x, homogeneous, scale, decay)
     }
-    fn add_diag(&self, m: &mut Mat, v: f32) {
+    fn add_diag(&self, m: &mut Mat, v: f64) {
         (**self).add_diag(m, v)
     }
-    fn scale(&self, m: &mut Mat, s: f32) {
+    fn scale(&self, m: &mut Mat, s: f64) {
         (**self).scale(m, s)
     }
-    fn axpby(&self, alpha: f32, x: &Mat, beta: f32, y: &mut Mat) {
+    fn axpby(&self, alpha: f64, x: &Mat, beta: f64, y: &mut Mat) {
         (**self).axpby(alpha, x, beta, y)
     }
     fn div_outer(&self, m: &mut Mat, left: &[f64], right: &[f64], add: f64) {
@@ -333,6 +489,21 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn inv_root(&self, m: &Mat, p: u32, damping: f32) -> Result<Mat, LinalgError> {
         (**self).inv_root(m, p, damping)
+    }
+    fn gemm_acc(&self, beta: f64, c: &mut Mat, alpha: f64, a: &Mat, ta: bool, b: &Mat, tb: bool) {
+        (**self).gemm_acc(beta, c, alpha, a, ta, b, tb)
+    }
+    fn symmetrize(&self, m: &mut Mat) {
+        (**self).symmetrize(m)
+    }
+    fn sym_power(
+        &self,
+        m: &Mat,
+        p: f64,
+        ridge: Ridge,
+        precision: Precision,
+    ) -> Result<Mat, LinalgError> {
+        (**self).sym_power(m, p, ridge, precision)
     }
     fn delegates_eigh(&self) -> bool {
         (**self).delegates_eigh()

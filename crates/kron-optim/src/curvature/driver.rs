@@ -869,7 +869,10 @@ impl<B: CurvatureBlock> Driver<B> {
 }
 
 /// Compares two structure objects field by field, naming the first that differs.
-fn check_structure(saved: &serde_json::Value, here: &serde_json::Value) -> Result<(), OptimError> {
+pub(crate) fn check_structure(
+    saved: &serde_json::Value,
+    here: &serde_json::Value,
+) -> Result<(), OptimError> {
     let fields = |v: &serde_json::Value| -> BTreeMap<String, serde_json::Value> {
         v.as_object()
             .map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect())

@@ -40,9 +40,9 @@
 //! between preconditioning and clipping (with the blocks, for their factors). It adds its
 //! coarse term to the directions and returns its own notes.
 
-mod block;
+pub(crate) mod block;
 mod config;
-mod driver;
+pub(crate) mod driver;
 mod note;
 mod policy;
 mod products;

@@ -94,6 +94,11 @@ pub enum Note {
         /// Failures in a row.
         failures: u32,
     },
+    /// An `f32` root failed and was computed again in `f64`, which succeeded.
+    RetriedInF64 {
+        /// The block (and axis).
+        block: String,
+    },
     /// The backend ran the eigendecompositions on the host CPU.
     EighDelegated {
         /// The backend's name.
@@ -120,7 +125,8 @@ impl Note {
             Note::StatsSkipped { block, .. }
             | Note::RefreshFailed { block, .. }
             | Note::RefreshRecovered { block, .. }
-            | Note::FallbackAfterFailures { block, .. } => Some(block),
+            | Note::FallbackAfterFailures { block, .. }
+            | Note::RetriedInF64 { block } => Some(block),
             _ => None,
         }
     }
@@ -175,6 +181,9 @@ impl fmt::Display for Note {
                 f,
                 "{block}: first-order fallback after {failures} failed refreshes in a row"
             ),
+            Note::RetriedInF64 { block } => {
+                write!(f, "{block}: f32 root failed; computed again in f64")
+            }
             Note::EighDelegated { backend } => {
                 write!(f, "eigendecomposition on the CPU (delegated by {backend})")
             }

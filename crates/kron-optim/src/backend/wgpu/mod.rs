@@ -19,6 +19,7 @@ use std::{fmt, mem};
 use kron_autodiff::Tensor;
 use wgpu::util::DeviceExt;
 
+use super::iterate::{IterationConfig, IterationReport};
 use super::{Backend, DeviceError, Eigh, Inverse, LinalgError, Mat, Precision, Store, linalg};
 
 /// Dispatches recorded before the pending encoder is submitted even without a read-back.
@@ -40,78 +41,6 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub(crate) struct GpuBuf {
     pub(crate) buffer: wgpu::Buffer,
     pub(crate) owner: u64,
-}
-
-/// When Newton-Schulz and coupled Newton stop, and when their result counts as a failure.
-///
-/// Each iteration watches its own error every step: Newton-Schulz the residual
-/// `‖I - A X‖_F / √n` of its iterate (`A = M + dI`), coupled Newton `max_ij |M_k - I|_ij` (the
-/// form of Higham's iteration the reference Shampoo implementations use). Either stops when its
-/// error falls under `tolerance`, when the error stops shrinking (in `f32` that is the usual
-/// exit: rounding sets a floor), or after `max_iterations`, and keeps its best iterate `X`. The
-/// result is then judged by its residual `‖I - X^p A‖_F / (p √n)` (`p = 1` for the inverse: the
-/// root-mean-square of the residual's columns, which bounds `X`'s relative error in the mean; for
-/// a root, `X^p A - I` is to first order `p` times `X`'s relative error): above
-/// `failure_threshold` it is refused with [`LinalgError::NotConverged`].
-///
-/// In `f32` both residuals and errors grow as `κ · 2^-24`: against an `f64` reference, the
-/// relative error is about `1e-8 κ` (measured on lavapipe, `n = 96`: 1e-4 at κ = 1e4, 1e-3 to
-/// 2e-2 at κ = 1e6), so beyond κ ≈ 1e6 `f32` stops being enough and the damping must carry the
-/// conditioning.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct IterationConfig {
-    /// Residual under which the iteration has converged (default 1e-6, the tolerance of the
-    /// reference Shampoo implementations; in `f32` the rounding floor usually stops it first).
-    pub tolerance: f32,
-    /// Iteration cap (default 100, as the reference Shampoo implementations).
-    pub max_iterations: usize,
-    /// Residual above which the result is refused (default 0.1, optax Shampoo's
-    /// `inverse_failure_threshold`).
-    pub failure_threshold: f32,
-}
-
-impl Default for IterationConfig {
-    fn default() -> Self {
-        IterationConfig {
-            tolerance: 1e-6,
-            max_iterations: 100,
-            failure_threshold: 0.1,
-        }
-    }
-}
-
-impl IterationConfig {
-    /// Sets the convergence tolerance.
-    pub fn with_tolerance(mut self, tolerance: f32) -> Self {
-        self.tolerance = tolerance;
-        self
-    }
-
-    /// Sets the iteration cap.
-    pub fn with_max_iterations(mut self, max_iterations: usize) -> Self {
-        self.max_iterations = max_iterations;
-        self
-    }
-
-    /// Sets the residual above which a result is refused.
-    pub fn with_failure_threshold(mut self, failure_threshold: f32) -> Self {
-        self.failure_threshold = failure_threshold;
-        self
-    }
-}
-
-/// How an iteration ended.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct IterationReport {
-    /// Iterations run to reach the returned iterate.
-    pub iterations: usize,
-    /// Iterations run in all (the last ones may have found no improvement).
-    pub iterations_run: usize,
-    /// The returned iterate's residual `‖I - X^p A‖_F / (p √n)`.
-    pub residual: f64,
-    /// Whether the iteration's own error fell under the tolerance (otherwise it stopped at the
-    /// rounding floor, or at the cap).
-    pub converged: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -933,16 +862,16 @@ impl Backend for WgpuBackend {
         *acc = self.gemm_full(scale, x, true, x, false, aug, Some((decay, acc)), 0.0);
     }
 
-    fn add_diag(&self, m: &mut Mat, v: f32) {
-        *m = self.affine(1.0, m, None, v);
+    fn add_diag(&self, m: &mut Mat, v: f64) {
+        *m = self.affine(1.0, m, None, v as f32);
     }
 
-    fn scale(&self, m: &mut Mat, s: f32) {
-        *m = self.affine(s, m, None, 0.0);
+    fn scale(&self, m: &mut Mat, s: f64) {
+        *m = self.affine(s as f32, m, None, 0.0);
     }
 
-    fn axpby(&self, alpha: f32, x: &Mat, beta: f32, y: &mut Mat) {
-        *y = self.affine(alpha, x, Some((beta, y)), 0.0);
+    fn axpby(&self, alpha: f64, x: &Mat, beta: f64, y: &mut Mat) {
+        *y = self.affine(alpha as f32, x, Some((beta as f32, y)), 0.0);
     }
 
     fn div_outer(&self, m: &mut Mat, left: &[f64], right: &[f64], add: f64) {
