@@ -79,13 +79,18 @@ pub const EXAMPLE: Example = Example {
     task,
     model,
     kfac: KFAC,
-    lrs: [
+    adaptive: crate::ADAPTIVE_DEFAULT,
+    lrs: &[
         (OptimizerKind::Sgd, 0.01),
         (OptimizerKind::Adam, 1e-3),
         (OptimizerKind::Kfac, 1.0),
+        (OptimizerKind::Shampoo, 1e-3),
+        (OptimizerKind::KrAdagradStar, 0.01),
+        (OptimizerKind::KrAdagrad, 0.01),
     ],
     grid: |k| match k {
-        OptimizerKind::Adam => vec![3e-4, 1e-3, 3e-3],
+        OptimizerKind::Adam | OptimizerKind::Shampoo => vec![3e-4, 1e-3, 3e-3],
+        OptimizerKind::KrAdagradStar | OptimizerKind::KrAdagrad => vec![3e-3, 0.01, 0.03, 0.1],
         _ => vec![0.01, 0.03, 0.1],
     },
     sizes: Sizes {

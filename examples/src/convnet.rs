@@ -61,13 +61,18 @@ pub const EXAMPLE: Example = Example {
         .with_conv_stats_period(10)
         .with_inverse_period(20),
     // ANCHOR_END: kfac
-    lrs: [
+    adaptive: crate::ADAPTIVE_DEFAULT,
+    lrs: &[
         (OptimizerKind::Sgd, 0.01),
         (OptimizerKind::Adam, 1e-3),
         (OptimizerKind::Kfac, 0.01),
+        (OptimizerKind::Shampoo, 1e-3),
+        (OptimizerKind::KrAdagradStar, 0.01),
+        (OptimizerKind::KrAdagrad, 0.01),
     ],
     grid: |k| match k {
-        OptimizerKind::Adam => vec![3e-4, 1e-3, 3e-3],
+        OptimizerKind::Adam | OptimizerKind::Shampoo => vec![3e-4, 1e-3, 3e-3],
+        OptimizerKind::KrAdagradStar | OptimizerKind::KrAdagrad => vec![3e-3, 0.01, 0.03, 0.1],
         _ => vec![0.01, 0.03, 0.1],
     },
     sizes: Sizes {

@@ -64,13 +64,19 @@ pub const EXAMPLE: Example = Example {
         .with_inverse_period(10)
         .with_damping(0.1),
     // ANCHOR_END: kfac
-    lrs: [
+    // Small blocks (at most 256 wide): roots every 5 steps cost little.
+    adaptive: crate::ADAPTIVE_DEFAULT.with_refresh_period(5),
+    lrs: &[
         (OptimizerKind::Sgd, 0.03),
         (OptimizerKind::Adam, 1e-3),
         (OptimizerKind::Kfac, 0.03),
+        (OptimizerKind::Shampoo, 1e-3),
+        (OptimizerKind::KrAdagradStar, 0.1),
+        (OptimizerKind::KrAdagrad, 0.1),
     ],
     grid: |k| match k {
-        OptimizerKind::Adam => vec![3e-4, 1e-3, 3e-3],
+        OptimizerKind::Adam | OptimizerKind::Shampoo => vec![3e-4, 1e-3, 3e-3],
+        OptimizerKind::KrAdagradStar | OptimizerKind::KrAdagrad => vec![3e-3, 0.01, 0.03, 0.1],
         _ => vec![0.01, 0.03, 0.1],
     },
     sizes: Sizes {

@@ -10,13 +10,14 @@ use kron::prelude::*;
 use crate::cli::{CliError, Flags};
 use crate::report::Curves;
 use crate::train::{
-    BackendKind, Comparison, OptimizerKind, RunSpec, Task, compare, default_optimizer, run, sweep,
+    AdaptiveRecipe, BackendKind, Comparison, OptimizerKind, RunSpec, Task, compare,
+    default_optimizer, run, sweep,
 };
 
 /// The flags every example takes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// `--optimizer sgd|adam|kfac`.
+    /// `--optimizer sgd|adam|kfac|shampoo|kradagrad|kradagrad-star`.
     pub optimizer: OptimizerKind,
     /// `--lr`: the learning rate (default: the example's tuned value for the optimizer).
     pub lr: Option<f32>,
@@ -92,7 +93,8 @@ impl Default for Config {
 // ANCHOR: usage
 /// The usage text shared by the examples.
 pub const USAGE: &str = "flags:
-  --optimizer sgd|adam|kfac   optimizer (default: the example's)
+  --optimizer NAME            sgd, adam, kfac, shampoo, kradagrad or kradagrad-star
+                              (default: the example's)
   --lr X                      learning rate (default: the tuned value for the optimizer)
   --epochs N                  epochs
   --batch-size N              mini-batch size
@@ -252,8 +254,10 @@ pub struct Example {
     pub model: fn(&Task, &mut ParamStore, &mut Rng) -> Box<dyn Module>,
     /// KFAC's configuration (its learning rate comes from `lrs`).
     pub kfac: KfacConfig,
+    /// Shampoo's and KrADagrad's configurations (their learning rates come from `lrs`).
+    pub adaptive: AdaptiveRecipe,
     /// Tuned learning rates (the result of `--sweep` on the default sizes; see the book).
-    pub lrs: [(OptimizerKind, f32); 3],
+    pub lrs: &'static [(OptimizerKind, f32)],
     /// The learning rates `--sweep` tries.
     pub grid: fn(OptimizerKind) -> Vec<f32>,
     /// Default sizes.
@@ -339,7 +343,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
             ex.name
         ));
     }
-    let optim = default_optimizer(kfac);
+    let optim = default_optimizer(kfac, ex.adaptive);
     let spec = RunSpec {
         optimizer: cfg.optimizer,
         lr: 0.0,

@@ -39,7 +39,7 @@ impl Curves {
         let mut s = String::new();
         let _ = write!(
             s,
-            "{:<10} {:>5} {:>6} {:>11} {:>10}",
+            "{:<14} {:>5} {:>6} {:>11} {:>10}",
             "optimizer", "epoch", "step", "train loss", "test loss"
         );
         if acc {
@@ -52,7 +52,7 @@ impl Curves {
         for p in &self.points {
             let _ = write!(
                 s,
-                "{:<10} {:>5} {:>6} {:>11.5} {:>10.5}",
+                "{:<14} {:>5} {:>6} {:>11.5} {:>10.5}",
                 p.optimizer, p.epoch, p.step, p.train_loss, p.test_loss
             );
             if let Some(a) = p.test_accuracy {
@@ -142,7 +142,7 @@ pub fn time_to_target(
     );
     let _ = write!(
         s,
-        "{:<10} {:>10} {:>11} {:>7}",
+        "{:<14} {:>10} {:>11} {:>7}",
         "optimizer", "lr", "final loss", "steps"
     );
     if seconds {
@@ -161,7 +161,7 @@ pub fn time_to_target(
         };
         let _ = write!(
             s,
-            "{:<10} {:>10} {:>11.5} {:>7}",
+            "{:<14} {:>10} {:>11.5} {:>7}",
             name,
             lr,
             fin,

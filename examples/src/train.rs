@@ -7,7 +7,10 @@ use std::time::Instant;
 
 use kron::data::Batches;
 use kron::layers::Module;
-use kron::optim::{Adam, AdamConfig, Kfac, KfacConfig, Optimizer, Sgd, SgdConfig};
+use kron::optim::{
+    Adam, AdamConfig, AdaptiveConfig, Kfac, KfacConfig, KrAdagrad, KrAdagradStar, Optimizer, Sgd,
+    SgdConfig, Shampoo,
+};
 use kron::prelude::*;
 
 use crate::report::{Curves, Point, Progress, time_to_target};
@@ -21,6 +24,12 @@ pub enum OptimizerKind {
     Adam,
     /// KFAC (KFC for conv layers) as a preconditioner for SGD with momentum.
     Kfac,
+    /// Shampoo.
+    Shampoo,
+    /// KrADagrad*.
+    KrAdagradStar,
+    /// KrADagrad.
+    KrAdagrad,
 }
 
 impl OptimizerKind {
@@ -30,12 +39,15 @@ impl OptimizerKind {
             OptimizerKind::Sgd => "sgd",
             OptimizerKind::Adam => "adam",
             OptimizerKind::Kfac => "kfac",
+            OptimizerKind::Shampoo => "shampoo",
+            OptimizerKind::KrAdagradStar => "kradagrad-star",
+            OptimizerKind::KrAdagrad => "kradagrad",
         }
     }
 
     /// Whether it is a first-order baseline.
     pub fn first_order(self) -> bool {
-        !matches!(self, OptimizerKind::Kfac)
+        matches!(self, OptimizerKind::Sgd | OptimizerKind::Adam)
     }
 }
 
@@ -46,8 +58,12 @@ impl FromStr for OptimizerKind {
             "sgd" => Ok(OptimizerKind::Sgd),
             "adam" => Ok(OptimizerKind::Adam),
             "kfac" => Ok(OptimizerKind::Kfac),
+            "shampoo" => Ok(OptimizerKind::Shampoo),
+            "kradagrad-star" => Ok(OptimizerKind::KrAdagradStar),
+            "kradagrad" => Ok(OptimizerKind::KrAdagrad),
             _ => Err(format!(
-                "unknown optimizer {s:?} (expected sgd, adam or kfac)"
+                "unknown optimizer {s:?} (expected sgd, adam, kfac, shampoo, kradagrad or \
+                 kradagrad-star)"
             )),
         }
     }
@@ -232,10 +248,37 @@ pub type OptimFn<'a> = &'a dyn Fn(
     BackendKind,
 ) -> Result<Box<dyn Optimizer>, String>;
 
-/// The examples' optimizer recipes: SGD with momentum 0.9 (Nesterov), Adam, and KFAC with the
-/// given configuration and learning rate.
+/// The settings of the Kronecker-factored adaptive methods an example runs (their learning
+/// rates come from its tuned rates).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaptiveRecipe {
+    /// Shampoo's.
+    pub shampoo: AdaptiveConfig,
+    /// KrADagrad*'s.
+    pub kradagrad_star: AdaptiveConfig,
+    /// KrADagrad's.
+    pub kradagrad: AdaptiveConfig,
+}
+
+impl AdaptiveRecipe {
+    /// With roots every `period` steps for all three, and Shampoo preconditioning from then.
+    pub const fn with_refresh_period(mut self, period: u64) -> Self {
+        self.shampoo = self
+            .shampoo
+            .with_refresh_period(period)
+            .with_start_step(period);
+        self.kradagrad_star = self.kradagrad_star.with_refresh_period(period);
+        self.kradagrad = self.kradagrad.with_refresh_period(period);
+        self
+    }
+}
+
+/// The examples' optimizer recipes: SGD with momentum 0.9 (Nesterov), Adam, KFAC with the given
+/// configuration, and Shampoo, KrADagrad* and KrADagrad with theirs, each at the given learning
+/// rate.
 pub fn default_optimizer(
     kfac: KfacConfig,
+    adaptive: AdaptiveRecipe,
 ) -> impl Fn(
     OptimizerKind,
     f32,
@@ -262,6 +305,33 @@ pub fn default_optimizer(
                         Kfac::with_backend(model.fisher_blocks(), params, cfg, wgpu_backend()?)
                             .map_err(e)?,
                     ),
+                }
+            }
+            OptimizerKind::Shampoo => {
+                let cfg = adaptive.shampoo.with_lr(lr);
+                match backend {
+                    BackendKind::Cpu => Box::new(Shampoo::new(params, cfg).map_err(e)?),
+                    BackendKind::Wgpu => {
+                        Box::new(Shampoo::with_backend(params, cfg, wgpu_backend()?).map_err(e)?)
+                    }
+                }
+            }
+            OptimizerKind::KrAdagradStar => {
+                let cfg = adaptive.kradagrad_star.with_lr(lr);
+                match backend {
+                    BackendKind::Cpu => Box::new(KrAdagradStar::new(params, cfg).map_err(e)?),
+                    BackendKind::Wgpu => Box::new(
+                        KrAdagradStar::with_backend(params, cfg, wgpu_backend()?).map_err(e)?,
+                    ),
+                }
+            }
+            OptimizerKind::KrAdagrad => {
+                let cfg = adaptive.kradagrad.with_lr(lr);
+                match backend {
+                    BackendKind::Cpu => Box::new(KrAdagrad::new(params, cfg).map_err(e)?),
+                    BackendKind::Wgpu => {
+                        Box::new(KrAdagrad::with_backend(params, cfg, wgpu_backend()?).map_err(e)?)
+                    }
                 }
             }
         })
@@ -444,7 +514,7 @@ pub fn sweep(
                 .unwrap_or(f32::INFINITY)
         };
         log.push_str(&format!(
-            "  {:<5} lr {lr:.3e}: final train loss {fin:.5}\n",
+            "  {:<14} lr {lr:.3e}: final train loss {fin:.5}\n",
             spec.optimizer.name()
         ));
         if fin < best.1 {

@@ -9,6 +9,8 @@ mod kfac;
 mod kfc;
 #[path = "../../book/snippets/natural_gradient.rs"]
 mod natural_gradient;
+#[path = "../../book/snippets/shampoo.rs"]
+mod shampoo;
 #[path = "../../book/snippets/tape.rs"]
 mod tape;
 
@@ -409,4 +411,18 @@ fn tape_forward_mode_products_are_j_d_and_j_transpose_h_j() {
     );
     let rel = (r.directional as f64 - r.grad_dot).abs() / r.grad_dot.abs();
     assert!(rel < 1e-5, "{} vs {}", r.directional, r.grad_dot);
+}
+
+#[test]
+fn shampoo_and_kradagrad_train_the_digits() {
+    for (which, name, drop, acc) in [
+        (0, "shampoo", 0.1, 0.88),
+        (1, "kradagrad-star", 0.1, 0.88),
+        (2, "kradagrad", 0.1, 0.88),
+    ] {
+        let run = shampoo::run_digits(200, which);
+        let (first, last) = (mean(&run.losses[..20]), mean(&run.losses[180..]));
+        assert!(last < drop * first, "{name}: loss {first} -> {last}");
+        assert!(run.accuracy > acc, "{name}: accuracy {}", run.accuracy);
+    }
 }

@@ -46,7 +46,7 @@ pub struct Schedule {
 
 impl Schedule {
     /// A constant rate.
-    pub fn constant(base: f32) -> Self {
+    pub const fn constant(base: f32) -> Self {
         Schedule {
             base,
             warmup: 0,
@@ -55,13 +55,13 @@ impl Schedule {
     }
 
     /// With a linear warm-up over `steps`.
-    pub fn with_warmup(mut self, steps: u64) -> Self {
+    pub const fn with_warmup(mut self, steps: u64) -> Self {
         self.warmup = steps;
         self
     }
 
     /// With a decay rule.
-    pub fn with_decay(mut self, decay: Decay) -> Self {
+    pub const fn with_decay(mut self, decay: Decay) -> Self {
         self.decay = decay;
         self
     }

@@ -630,3 +630,181 @@ fn kfac_on_wgpu_repeats_to_the_bit() {
     let (_, second, _) = twin_runs(mlp, &x, cfg);
     assert_eq!(first, second);
 }
+
+/// The primitives Shampoo and KrADagrad add, on odd sizes and with transposes: the accumulating
+/// product against CPU `f32` and `f64`, symmetrization exactly, and the symmetric matrix power
+/// (delegated to the host on wgpu) against the CPU's `f64` one.
+#[test]
+fn adaptive_primitives_match_cpu_and_f64() {
+    use kron_optim::Ridge;
+    let Some(be) = gpu() else { return };
+    let (c, c64) = (cpu(), cpu64());
+    for (m, k, n) in [(7, 5, 9), (33, 65, 17), (128, 300, 129)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a = if ta { randn(k, m, 20) } else { randn(m, k, 20) };
+            let b = if tb { randn(n, k, 21) } else { randn(k, n, 21) };
+            let acc0 = randn(m, n, 22);
+            let run = |x: &dyn Backend| {
+                let mut acc = x.upload(&acc0);
+                x.gemm_acc(0.9, &mut acc, -0.5, &x.upload(&a), ta, &x.upload(&b), tb);
+                x.download(&acc)
+            };
+            let (g, w, w64) = (run(be), run(&c), run(&c64));
+            let tol = 1e-6 * k as f32 * max_abs(&w).max(1.0);
+            close(&g, &w, tol, &format!("gemm_acc {m}x{k}x{n} {ta} {tb}"));
+            close(&g, &w64, tol, &format!("gemm_acc against f64 {m}x{k}x{n}"));
+        }
+    }
+    for n in [1, 6, 65] {
+        let x = randn(n, n, 23);
+        let mut gm = be.upload(&x);
+        be.symmetrize(&mut gm);
+        let mut cm = c.upload(&x);
+        c.symmetrize(&mut cm);
+        let (g, w) = (be.download(&gm), c.download(&cm));
+        assert_eq!(g, w, "symmetrize {n}");
+        assert_eq!(g, g.t(), "symmetric {n}");
+        let s = spd(n, 2 * n + 3, 24);
+        for (p, ridge) in [
+            (-0.25, Ridge::Absolute(1e-3)),
+            (0.5, Ridge::Absolute(0.0)),
+            (-0.5, Ridge::Relative(1e-4)),
+        ] {
+            let got = be.download(
+                &be.sym_power(&be.upload(&s), p, ridge, Precision::F64)
+                    .unwrap(),
+            );
+            let want = c64.download(
+                &c64.sym_power(&c64.upload(&s), p, ridge, Precision::F64)
+                    .unwrap(),
+            );
+            close(
+                &got,
+                &want,
+                1e-5 * max_abs(&want),
+                &format!("sym_power {n} {p} {ridge:?}"),
+            );
+        }
+    }
+}
+
+/// The coupled Newton iteration written over `&dyn Backend` gives the same root on the CPU
+/// (`f32`) and on wgpu, and both agree with the `f64` eigendecomposition to `f32` tolerance.
+#[test]
+fn coupled_newton_agrees_on_cpu_and_wgpu() {
+    use kron_optim::Ridge;
+    use kron_optim::backend::coupled_newton;
+    let Some(be) = gpu() else { return };
+    let (c, c64) = (cpu(), cpu64());
+    for (n, p) in [(5, 4), (40, 2), (97, 4)] {
+        let s = spd(n, n + 8, 25);
+        let ridge = 1e-2;
+        let cfg = IterationConfig::default();
+        let (gr, grep) = coupled_newton(be, &be.upload(&s), p, ridge, &cfg).unwrap();
+        let (cr, crep) = coupled_newton(&c, &c.upload(&s), p, ridge, &cfg).unwrap();
+        let want = c64.download(
+            &c64.sym_power(
+                &c64.upload(&s),
+                -1.0 / p as f64,
+                Ridge::Absolute(ridge),
+                Precision::F64,
+            )
+            .unwrap(),
+        );
+        let (g, w) = (be.download(&gr), c.download(&cr));
+        let scale = max_abs(&want);
+        close(
+            &g,
+            &w,
+            1e-4 * scale,
+            &format!("newton cpu vs wgpu n {n} p {p}"),
+        );
+        close(
+            &w,
+            &want,
+            1e-4 * scale,
+            &format!("newton cpu vs f64 n {n} p {p}"),
+        );
+        assert!(
+            grep.residual < 1e-4 && crep.residual < 1e-4,
+            "{grep:?} {crep:?}"
+        );
+    }
+}
+
+/// Five steps of Shampoo (eigh delegated to the host; and coupled Newton on the device),
+/// KrADagrad* and KrADagrad on wgpu against the CPU backend, on a matrix, a blocked matrix, an
+/// order-3 tensor and a bias.
+#[test]
+fn shampoo_and_kradagrad_on_wgpu_match_cpu() {
+    use kron_optim::{
+        AdaptiveConfig, BlockingConfig, KrAdagrad, KrAdagradStar, Ridge, RootMethod, Shampoo,
+        TensorLayout,
+    };
+    if gpu().is_none() {
+        return;
+    }
+    let blocking = BlockingConfig::DEFAULT
+        .with_max_dim(6)
+        .with_layout(TensorLayout::Tensor);
+    let store = || {
+        let mut s = ParamStore::new();
+        s.add("w", Tensor::randn(&[5, 9], 0.0, 0.5, &mut Rng::new(30)));
+        s.add("t", Tensor::randn(&[3, 4, 5], 0.0, 0.5, &mut Rng::new(31)));
+        s.add("b", Tensor::zeros(&[5]));
+        s
+    };
+    type Make = fn(&ParamStore, AdaptiveConfig, Box<dyn Backend>) -> Box<dyn Optimizer>;
+    let cases: [(&str, AdaptiveConfig, Make); 4] = [
+        (
+            "shampoo eigh",
+            AdaptiveConfig::shampoo().with_epsilon(Ridge::Relative(1e-3)),
+            |p, c, b| Box::new(Shampoo::with_backend(p, c, b).unwrap()),
+        ),
+        (
+            "shampoo newton",
+            AdaptiveConfig::shampoo()
+                .with_epsilon(Ridge::Relative(1e-3))
+                .with_roots(RootMethod::CoupledNewton(IterationConfig::default())),
+            |p, c, b| Box::new(Shampoo::with_backend(p, c, b).unwrap()),
+        ),
+        (
+            "kradagrad-star",
+            AdaptiveConfig::kradagrad_star().with_epsilon(Ridge::Absolute(1e-2)),
+            |p, c, b| Box::new(KrAdagradStar::with_backend(p, c, b).unwrap()),
+        ),
+        (
+            "kradagrad",
+            AdaptiveConfig::kradagrad().with_epsilon(Ridge::Absolute(1e-3)),
+            |p, c, b| Box::new(KrAdagrad::with_backend(p, c, b).unwrap()),
+        ),
+    ];
+    for (name, base, make) in cases {
+        let cfg = base
+            .with_lr(0.05)
+            .with_refresh_period(2)
+            .with_start_step(2)
+            .with_blocking(blocking);
+        let gpu_be: Box<dyn Backend> = Box::new(WgpuBackend::new().unwrap());
+        let mut runs = Vec::new();
+        for backend in [gpu_be, Box::new(cpu()) as Box<dyn Backend>] {
+            let mut p = store();
+            let mut opt = make(&p, cfg, backend);
+            let mut rng = Rng::new(32);
+            for _ in 0..5 {
+                let g = Gradients::from_params(vec![
+                    Some(Tensor::randn(&[5, 9], 0.0, 1.0, &mut rng)),
+                    Some(Tensor::randn(&[3, 4, 5], 0.0, 1.0, &mut rng)),
+                    Some(Tensor::randn(&[5], 0.0, 1.0, &mut rng)),
+                ]);
+                opt.step(&mut p, &g, &Captures::new()).unwrap();
+            }
+            runs.push(p);
+        }
+        for id in runs[0].ids() {
+            let (g, w) = (runs[0].get(id), runs[1].get(id));
+            let tol = 2e-4 * (1.0 + max_abs(w));
+            close(g, w, tol, &format!("{name}: {}", runs[0].name(id)));
+        }
+    }
+}

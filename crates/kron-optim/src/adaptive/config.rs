@@ -131,7 +131,7 @@ impl AdaptiveConfig {
     /// most (the book's ill-conditioned experiment measures the difference);
     /// [`RootMethod::EIGH_F32`] restores Meta's choice. The graft is the second moment only, as
     /// Meta grafts it (momentum is applied once, to the grafted direction).
-    pub fn shampoo() -> Self {
+    pub const fn shampoo() -> Self {
         AdaptiveConfig {
             schedule: Schedule::constant(0.01),
             momentum: Momentum::nesterov(0.9),
@@ -161,7 +161,7 @@ impl AdaptiveConfig {
     /// `Shampoo.step` rescales the direction to the gradient's norm), block size 128, `f32`
     /// throughout, and `epsilon` 1e-12 (the inverse statistic starts at `1e12 I`; their
     /// experiments tune it, 1e-8 on the synthetic problem, 3e-4 to 3e-2 on autoencoders).
-    pub fn kradagrad_star() -> Self {
+    pub const fn kradagrad_star() -> Self {
         AdaptiveConfig {
             schedule: Schedule::constant(1e-3),
             momentum: Momentum::nesterov(0.9),
@@ -184,15 +184,12 @@ impl AdaptiveConfig {
     /// KrADagrad's defaults, the authors' (`KradagradMM`): as
     /// [`AdaptiveConfig::kradagrad_star`] but with no grafting (their step has none) and
     /// `epsilon` the damping step's coefficient (1e-12).
-    pub fn kradagrad() -> Self {
-        AdaptiveConfig {
-            graft: None,
-            ..Self::kradagrad_star()
-        }
+    pub const fn kradagrad() -> Self {
+        Self::kradagrad_star().with_graft(None)
     }
 
     /// With a constant learning rate.
-    pub fn with_lr(mut self, lr: f32) -> Self {
+    pub const fn with_lr(mut self, lr: f32) -> Self {
         self.schedule = Schedule::constant(lr);
         self
     }
