@@ -579,7 +579,7 @@ fn kradagrad_matches_a_dense_f64_replay_of_its_rule() {
         let sym = transpose(&newp, d, d);
         newp = newp.iter().zip(&sym).map(|(a, b)| 0.5 * (a + b)).collect();
         ps[i] = newp;
-        roots[i] = Some(sym_pow(&ps[i], d, 0.5, eps));
+        roots[i] = Some(sym_pow(&ps[i], d, 0.5, 0.0));
         let mut u = gd.clone();
         if let Some(r0) = &roots[0] {
             u = mm(r0, &u, m, m, n);

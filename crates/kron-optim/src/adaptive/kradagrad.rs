@@ -7,7 +7,7 @@
 //! exact Sherman-Morrison for a rank-1 `C`); `P` starts at `I / eps` (the inverse of Shampoo's
 //! `eps I`) and preconditions with the positive root `P^(1/(2k))`. The authors' serial code
 //! also multiplies the denominator by the axis size; kron keeps the trace form the domination
-//! argument needs.
+//! argument needs by default ([`Denominator::TraceTimesSize`] reproduces theirs).
 //!
 //! KrADagrad (`KradagradMM`): one axis per step on the authors' schedule, its statistic read
 //! from the gradient preconditioned along the other axes, a damping step
@@ -15,7 +15,8 @@
 //! `I`, and the root `P^(1/2)` whatever the order. Its update is not a domination (the
 //! Frobenius norm is below the trace); the tests replay it densely in `f64`.
 //!
-//! Both symmetrize `P` after each update; `beta2 < 1` divides `P` by `beta2` first (the inverse
+//! Their roots add no ridge to the positive definite `P` (the authors' eigendecomposition adds
+//! `1e-8 I`). Both symmetrize `P` after each update; `beta2 < 1` divides `P` by `beta2` first (the inverse
 //! of `L <- beta2 L`).
 
 use super::config::AdaptiveConfig;
@@ -25,7 +26,23 @@ use crate::error::OptimError;
 
 /// KrADagrad*'s rule; the optimizer is [`KrAdagradStar`](super::KrAdagradStar).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct KrAdStarRule;
+pub struct KrAdStarRule {
+    /// The denominator of the update.
+    pub denominator: Denominator,
+}
+
+/// The denominator `tau` of KrADagrad*'s update `P <- P - P C P / tau`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Denominator {
+    /// `1 + tr(C P)`: the bound on `I + H^T P H` that makes the update dominate the true
+    /// inverse, exact Sherman-Morrison for a rank-1 `C` (default).
+    #[default]
+    Trace,
+    /// `(1 + tr(C P)) d`, `d` the axis size: what the authors' serial code
+    /// (`KrADPreconditioner.add_statistics` at 9852c42) computes; it subtracts less, so it
+    /// still dominates, but is not exact on rank-1 statistics.
+    TraceTimesSize,
+}
 
 /// KrADagrad's rule; the optimizer is [`KrAdagrad`](super::KrAdagrad).
 #[derive(Clone, Copy, Debug, Default)]
@@ -55,7 +72,10 @@ fn undecay(be: &dyn Backend, p: &mut Mat, config: &AdaptiveConfig) {
     }
 }
 
-/// The positive root `P^p` with the configured method.
+/// The positive root `P^p` with the configured method. `P` is positive definite by
+/// construction, so a first attempt adds nothing (`eps` is the configured epsilon); a retry
+/// after a failure (`eps` boosted by the failure policy) adds the boost's excess
+/// `eps - epsilon` as a ridge.
 fn positive_root(
     be: &dyn Backend,
     stat: &Mat,
@@ -63,7 +83,8 @@ fn positive_root(
     eps: f64,
     config: &AdaptiveConfig,
 ) -> Result<Root, LinalgError> {
-    matrix_root(be, stat, p, Ridge::Absolute(eps), config.roots)
+    let ridge = (eps - config.epsilon.value()).max(0.0);
+    matrix_root(be, stat, p, Ridge::Absolute(ridge), config.roots)
 }
 
 impl FactorRule for KrAdStarRule {
@@ -91,7 +112,10 @@ impl FactorRule for KrAdStarRule {
         undecay(be, stat, config);
         let c = contraction(be, h, transposed);
         let m = be.gemm(1.0, &c, false, stat, false);
-        let tau = 1.0 + be.trace(&m);
+        let tau = match self.denominator {
+            Denominator::Trace => 1.0 + be.trace(&m),
+            Denominator::TraceTimesSize => (1.0 + be.trace(&m)) * stat.rows() as f64,
+        };
         let pm = be.gemm(1.0, stat, false, &m, false);
         be.axpby(-1.0 / tau, &pm, 1.0, stat);
         be.symmetrize(stat);

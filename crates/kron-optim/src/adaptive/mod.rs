@@ -39,7 +39,7 @@ mod shape;
 
 pub use config::{AdaptiveConfig, RootMethod};
 pub use engine::Adaptive;
-pub use kradagrad::{KrAdRule, KrAdStarRule, kradagrad_axis};
+pub use kradagrad::{Denominator, KrAdRule, KrAdStarRule, kradagrad_axis};
 pub use rule::{FactorRule, Root, contraction};
 pub use shampoo::ShampooRule;
 pub use shape::{BlockingConfig, TensorLayout};
