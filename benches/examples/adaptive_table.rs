@@ -221,7 +221,11 @@ impl Run {
 fn steps_table(rounds: usize, table: &[(usize, f64, f64)]) {
     let w0 = Workload::autoencoder(1000, 11);
     let sgd_flops = w0.kfac_flops().sgd_step;
+    // Shampoo at lr 1e-3 (its graft is Adam's step): at its default 0.01 the sigmoid units
+    // saturate within ten steps, the gradients turn denormal and every GEMM of the step runs
+    // about ten times slower, the optimizer's as well as the model's.
     let shampoo = AdaptiveConfig::shampoo()
+        .with_lr(1e-3)
         .with_refresh_period(PERIOD as u64)
         .with_start_step(1);
     let star = AdaptiveConfig::kradagrad_star()

@@ -79,15 +79,16 @@ fn take(n: usize) -> Option<Vec<f32>> {
 }
 
 /// A buffer of `n` elements from the pool of large buffers that kron's ops share, with
-/// unspecified contents (stale values, NaN among them possibly), for code that writes every
-/// element before reading any (a GEMM output with `beta = 0`, say). Wrapped in a
-/// [`Tensor`](crate::Tensor), it returns to the pool when the tensor's storage drops.
-pub fn scratch(n: usize) -> Vec<f32> {
+/// unspecified contents (stale values of other tensors, NaN among them possibly), for code in
+/// this crate that writes every element before reading any (a GEMM output with `beta = 0`,
+/// say). Wrapped in a [`Tensor`](crate::Tensor), it returns to the pool when the tensor's
+/// storage drops; held as a [`PooledBuffer`] ([`PooledBuffer::stale`]), when that drops.
+pub(crate) fn scratch(n: usize) -> Vec<f32> {
     take(n).unwrap_or_else(|| fresh(n))
 }
 
 /// A buffer of `n` zeros from the pool of large buffers (see [`scratch`]).
-pub fn zeroed(n: usize) -> Vec<f32> {
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
     match take(n) {
         Some(mut v) => {
             fill(&mut v, 0.0);
@@ -132,6 +133,72 @@ pub(crate) fn recycle(v: Vec<f32>) {
     p.bufs.push(v);
     drop(p);
     drop(old);
+}
+
+/// A buffer from the pool of large buffers that returns itself to the pool when dropped, or
+/// lives on as a [`Tensor`](crate::Tensor)'s storage ([`PooledBuffer::into_tensor`]), which
+/// does the same. Its public constructors give defined contents (zeros or a copy); stale
+/// memory is only handed out inside this crate.
+pub struct PooledBuffer(Vec<f32>);
+
+impl PooledBuffer {
+    /// `n` zeros.
+    pub fn zeroed(n: usize) -> Self {
+        PooledBuffer(zeroed(n))
+    }
+
+    /// A copy of `src`.
+    pub fn copy_of(src: &[f32]) -> Self {
+        PooledBuffer(copy_of(src))
+    }
+
+    /// `n` elements with unspecified contents, for code that writes every element first.
+    pub(crate) fn stale(n: usize) -> Self {
+        PooledBuffer(scratch(n))
+    }
+
+    /// Takes charge of a buffer from [`scratch`], [`zeroed`] or [`copy_of`].
+    pub(crate) fn adopt(v: Vec<f32>) -> Self {
+        PooledBuffer(v)
+    }
+
+    /// The buffer as a tensor of `shape` (its storage returns it to the pool in turn).
+    ///
+    /// # Panics
+    /// If `shape` does not hold the buffer's length.
+    pub fn into_tensor(mut self, shape: &[usize]) -> crate::Tensor {
+        crate::Tensor::from_vec(std::mem::take(&mut self.0), shape)
+    }
+
+    /// The buffer as a plain vector, which no longer returns to the pool by itself.
+    pub(crate) fn into_vec(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for PooledBuffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PooledBuffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for PooledBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PooledBuffer({} elements)", self.0.len())
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        recycle(std::mem::take(&mut self.0));
+    }
 }
 
 /// `u32` indices (max-pooling's argmax) in a pooled buffer, handed back when dropped.
@@ -239,7 +306,8 @@ fn advise_huge_pages(_v: &mut [f32]) {}
 mod tests {
     use super::*;
 
-    // One test touches the global pool, so that no other test in this binary races it.
+    // One test touches the global pool, so that no other test in this binary races it (the
+    // pooled-buffer checks run inside it).
     #[test]
     fn the_pool_reuses_clears_and_bounds_its_buffers() {
         release_buffers();
@@ -277,5 +345,20 @@ mod tests {
         drop(small);
         assert_eq!(release_buffers(), big * 4);
         assert_eq!(pooled_bytes(), 0);
+        // A pooled buffer hands itself back when dropped, with no call to forget...
+        let b = PooledBuffer::stale(n);
+        let ptr = b.as_ptr();
+        drop(b);
+        assert_eq!(pooled_bytes(), n * 4);
+        // ...its public constructors never show stale values...
+        let z = PooledBuffer::zeroed(n);
+        assert_eq!(z.as_ptr(), ptr);
+        assert!(z.iter().all(|&x| x == 0.0));
+        // ...and as a tensor's storage it goes back when the tensor drops.
+        let t = z.into_tensor(&[n]);
+        assert_eq!(pooled_bytes(), 0);
+        drop(t);
+        assert_eq!(pooled_bytes(), n * 4);
+        release_buffers();
     }
 }

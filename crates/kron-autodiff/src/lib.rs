@@ -34,9 +34,7 @@ mod tape;
 mod tensor;
 pub mod testing;
 
-pub use alloc::{
-    pooled_bytes, release_buffers, scratch as scratch_buffer, zeroed as zeroed_buffer,
-};
+pub use alloc::{PooledBuffer, pooled_bytes, release_buffers};
 pub use capture::LayerCapture;
 pub use gemm::{GemmScalar, MatMut, MatRef, gemm, gemm_strided, kernel_name};
 pub use gradients::Gradients;

@@ -394,9 +394,7 @@ impl Tensor {
             other.shape,
             if trans_other { "^T" } else { "" }
         );
-        // beta = 0: the GEMM writes every element.
-        let mut out = alloc::scratch(m * n);
-        gemm::gemm(
+        Tensor::from_gemm(
             m,
             k,
             n,
@@ -405,9 +403,29 @@ impl Tensor {
             trans_self,
             other.data(),
             trans_other,
-            0.0,
-            &mut out,
-        );
+        )
+    }
+
+    /// `alpha op(a) op(b)` for row-major `a` (`m x k`, or `k x m` when `ta`) and `b` (`k x n`, or
+    /// `n x k` when `tb`), as an `m x n` tensor in a pooled buffer that the product writes whole
+    /// ([`gemm`](crate::gemm) with `beta = 0`).
+    ///
+    /// # Panics
+    /// If `a` or `b` is shorter than its shape says.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: &[f32],
+        ta: bool,
+        b: &[f32],
+        tb: bool,
+    ) -> Tensor {
+        // beta = 0: the GEMM writes every element.
+        let mut out = alloc::scratch(m * n);
+        gemm::gemm(m, k, n, alpha, a, ta, b, tb, 0.0, &mut out);
         Tensor::from_vec(out, &[m, n])
     }
 

@@ -103,13 +103,12 @@ impl FisherBlock {
             b.shape()
         );
         let n = cols + 1;
-        // Every element is written below.
-        let mut out = kron_autodiff::scratch_buffer(rows * n);
+        let mut out = kron_autodiff::PooledBuffer::zeroed(rows * n);
         for r in 0..rows {
             out[r * n..r * n + cols].copy_from_slice(&weight.data()[r * cols..(r + 1) * cols]);
             out[r * n + cols] = b.data()[r];
         }
-        Tensor::from_vec(out, &[rows, n])
+        out.into_tensor(&[rows, n])
     }
 
     /// Splits a `g_dim x a_dim` matrix in the `W_aug` layout back into weight-shaped and
@@ -128,15 +127,14 @@ impl FisherBlock {
             return (aug.reshape(weight_shape), None);
         }
         let cols = n - 1;
-        // Every element of `w` is written below.
-        let mut w = kron_autodiff::scratch_buffer(rows * cols);
+        let mut w = kron_autodiff::PooledBuffer::zeroed(rows * cols);
         let mut b = Vec::with_capacity(rows);
         for r in 0..rows {
             w[r * cols..(r + 1) * cols].copy_from_slice(&aug.data()[r * n..r * n + cols]);
             b.push(aug.data()[r * n + cols]);
         }
         (
-            Tensor::from_vec(w, weight_shape),
+            w.into_tensor(weight_shape),
             Some(Tensor::from_vec(b, &[rows])),
         )
     }

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{GradSink, Op, Unary};
-use crate::alloc::{recycle, scratch, zeroed};
+use crate::alloc::{PooledBuffer, scratch, zeroed};
 use crate::capture::LayerCapture;
 use crate::gemm::gemm;
 use crate::param::LayerId;
@@ -400,10 +400,9 @@ fn forward(
             let (n0, rows) = (bi * images, pb.len() / k.max(1));
             let nb = rows / t_len.max(1);
             im2col_into(&x.data()[n0 * img..(n0 + nb) * img], &geom, pb);
-            let mut sb = scratch(rows * oc);
+            let mut sb = PooledBuffer::stale(rows * oc);
             gemm(rows, k, oc, 1.0, pb, false, w.data(), true, 0.0, &mut sb);
             rows_to_nchw(&sb, &geom, bias, relu, ob);
-            recycle(sb);
         });
     (
         Tensor::from_vec(out, &[geom.batch, oc, geom.h_out, geom.w_out]),
@@ -577,7 +576,8 @@ pub(super) fn conv2d_backward(
 ) -> Option<LayerCapture> {
     let (nt, k, oc) = (geom.batch * geom.locations(), geom.patch_len(), geom.out_ch);
     let after = after.map(Tensor::data);
-    let g_rows = nchw_to_rows(g.data(), after, geom);
+    // Back to the pool on every path: dropped, or kept as the capture's storage.
+    let g_rows = PooledBuffer::adopt(nchw_to_rows(g.data(), after, geom));
     if sink.needs(w) {
         let mut gw = vec![0.0f32; oc * k];
         gemm(
@@ -616,7 +616,7 @@ pub(super) fn conv2d_backward(
                 let (n0, nb) = (bi * images, dxb.len() / img.max(1));
                 let rows = nb * t_len;
                 // Written whole by its GEMM (beta = 0) before col2im reads it.
-                let mut dpb = scratch(nb * per_image);
+                let mut dpb = PooledBuffer::stale(nb * per_image);
                 gemm(
                     rows,
                     oc,
@@ -630,17 +630,14 @@ pub(super) fn conv2d_backward(
                     &mut dpb,
                 );
                 col2im_into(&dpb, geom, dxb);
-                recycle(dpb);
             });
         let shape = sink.value(x).shape().to_vec();
         sink.add(x, Tensor::from_vec(dx, &shape));
     }
-    let Some(layer) = layer.filter(|l| capture.contains(l)) else {
-        recycle(g_rows);
-        return None;
-    };
+    // Without a capture, `g_rows` drops here and returns to the pool.
+    let layer = layer.filter(|l| capture.contains(l))?;
     let batch = geom.batch as f32;
-    let mut g_cap = g_rows;
+    let mut g_cap = g_rows.into_vec();
     for v in &mut g_cap {
         *v *= batch;
     }

@@ -193,11 +193,9 @@ impl Backend for CpuBackend {
         let rows = rows.map_or(r, |k| k.min(r));
         let store = match self.precision {
             Precision::F32 if rows == r => Store::F32(t.clone()),
-            Precision::F32 => {
-                let mut v = kron_autodiff::scratch_buffer(rows * c);
-                v.copy_from_slice(&t.data()[..rows * c]);
-                Store::F32(Tensor::from_vec(v, &[rows, c]))
-            }
+            Precision::F32 => Store::F32(
+                kron_autodiff::PooledBuffer::copy_of(&t.data()[..rows * c]).into_tensor(&[rows, c]),
+            ),
             Precision::F64 => Store::F64(t.data()[..rows * c].iter().map(|&x| x as f64).collect()),
         };
         Mat {
@@ -242,16 +240,20 @@ impl Backend for CpuBackend {
             "Backend::gemm: inner dimensions differ: {a:?} x {b:?} (ta {ta}, tb {tb})"
         );
         match (&a.store, &b.store) {
-            (Store::F32(x), Store::F32(y)) => {
-                // beta = 0: the GEMM writes every element.
-                let mut c = kron_autodiff::scratch_buffer(m * n);
-                kron_autodiff::gemm(m, k, n, alpha, x.data(), ta, y.data(), tb, 0.0, &mut c);
-                Mat {
-                    rows: m,
-                    cols: n,
-                    store: Store::F32(Tensor::from_vec(c, &[m, n])),
-                }
-            }
+            (Store::F32(x), Store::F32(y)) => Mat {
+                rows: m,
+                cols: n,
+                store: Store::F32(Tensor::from_gemm(
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    x.data(),
+                    ta,
+                    y.data(),
+                    tb,
+                )),
+            },
             _ => {
                 let (x, y) = (as_f64(a), as_f64(b));
                 let mut c = vec![0.0f64; m * n];

@@ -19,7 +19,7 @@ use std::{fmt, mem};
 use kron_autodiff::Tensor;
 use wgpu::util::DeviceExt;
 
-use super::iterate::{IterationConfig, IterationReport};
+use super::iterate::{self, IterationConfig, IterationReport};
 use super::{Backend, DeviceError, Eigh, Inverse, LinalgError, Mat, Precision, Store, linalg};
 
 /// Dispatches recorded before the pending encoder is submitted even without a read-back.
@@ -528,12 +528,6 @@ impl WgpuBackend {
         self.wrap(x.rows, x.cols, out)
     }
 
-    /// `diag I` (`n x n`).
-    fn identity(&self, n: usize, diag: f32) -> Mat {
-        let z = self.wrap(n, n, self.buffer(n * n));
-        self.affine(0.0, &z, None, diag)
-    }
-
     /// A reduction over `len` elements read at `stride` (see `reduce.wgsl` for `mode`), read
     /// back as one number.
     fn reduce(
@@ -572,231 +566,31 @@ impl WgpuBackend {
         self.read(&result, 1)[0]
     }
 
-    /// `max_ij |x - I|_ij`; `f32::INFINITY` when an element is not finite.
-    fn max_abs_minus_identity(&self, x: &Mat) -> f64 {
-        let v = self.reduce(x, None, x.rows * x.cols, 1, 1, true);
-        if v >= 1e38 { f64::INFINITY } else { v as f64 }
-    }
-
-    /// Newton-Schulz iteration for `(m + damping I)^-1`, with its report.
-    ///
-    /// `X_0 = 2 / (d + ‖M‖_F + d) I` (the eigenvalues of `A = M + dI` lie in `[d, ‖M‖_F + d]` for
-    /// a positive semi-definite `M`, so those of `A X_0` lie in `(0, 2)`), then
-    /// `X <- X + X (I - A X)`. The residual `‖I - A X‖_F` never grows and, once under 1, squares
-    /// each step; the iterations needed grow as `log2(κ)`. It stops when the residual falls
-    /// under the tolerance or stops shrinking as it should (see [`IterationConfig`]).
+    /// Newton-Schulz iteration for `(m + damping I)^-1` on this device, with its report
+    /// ([`iterate::newton_schulz`] under this backend's [`IterationConfig`]).
     ///
     /// # Errors
-    /// [`LinalgError::NonFinite`] for non-finite input or damping;
-    /// [`LinalgError::NotConverged`] when the best residual stays above the failure threshold
-    /// (an input that is not positive definite after damping, or one too ill-conditioned for
-    /// `f32`).
+    /// As [`iterate::newton_schulz`].
     pub fn newton_schulz(
         &self,
         m: &Mat,
         damping: f32,
     ) -> Result<(Mat, IterationReport), LinalgError> {
-        assert_eq!(m.rows, m.cols, "Backend::spd_inverse: {m:?} is not square");
-        let n = m.rows;
-        let d = damping as f64;
-        if !d.is_finite() {
-            return Err(LinalgError::NonFinite);
-        }
-        if n == 0 {
-            let rep = IterationReport {
-                iterations: 0,
-                iterations_run: 0,
-                residual: 0.0,
-                converged: true,
-            };
-            return Ok((self.zeros(0, 0), rep));
-        }
-        let norm = self.dot(m, m).sqrt();
-        if !norm.is_finite() {
-            return Err(LinalgError::NonFinite);
-        }
-        let upper = norm + d;
-        if upper <= 0.0 {
-            return Err(LinalgError::NotConverged {
-                iterations: 0,
-                residual: f64::INFINITY,
-            });
-        }
-        let alpha = 2.0 / (d.max(0.0) + upper);
-        let cfg = self.iteration;
-        let rn = (n as f64).sqrt();
-        let mut x = self.identity(n, alpha as f32);
-        // R = I - (M + dI) X = I - M X - d X.
-        let residual =
-            |x: &Mat| self.gemm_full(-1.0, m, false, x, false, 0, Some((-damping, x)), 1.0);
-        let mut r = residual(&x);
-        // Frobenius norm of the residual.
-        let mut res = self.dot(&r, &r).sqrt();
-        if !res.is_finite() {
-            return Err(LinalgError::NonFinite);
-        }
-        let mut best = (x.clone(), res, 0usize);
-        let mut run = 0;
-        while res / rn > cfg.tolerance as f64 && run < cfg.max_iterations {
-            // X <- X + X R.
-            x = self.gemm_full(1.0, &x, false, &r, false, 0, Some((1.0, &x)), 0.0);
-            run += 1;
-            r = residual(&x);
-            let prev = res;
-            res = self.dot(&r, &r).sqrt();
-            if !res.is_finite() {
-                break;
-            }
-            if res < best.1 {
-                best = (x.clone(), res, run);
-            }
-            // In exact arithmetic the residual never grows, and once under 1/2 it at least
-            // halves (it squares): anything else is the rounding floor, or divergence.
-            let expected = if prev < 0.5 { 0.5 * prev } else { prev };
-            if res >= expected {
-                break;
-            }
-        }
-        let (x, res, iterations) = best;
-        let res = res / rn;
-        let report = IterationReport {
-            iterations,
-            iterations_run: run,
-            residual: res,
-            converged: res <= cfg.tolerance as f64,
-        };
-        self.judge(x, report)
+        iterate::newton_schulz(self, m, damping as f64, &self.iteration)
     }
 
-    fn judge(
-        &self,
-        x: Mat,
-        report: IterationReport,
-    ) -> Result<(Mat, IterationReport), LinalgError> {
-        if report.residual <= self.iteration.failure_threshold as f64 {
-            Ok((x, report))
-        } else {
-            Err(LinalgError::NotConverged {
-                iterations: report.iterations_run,
-                residual: report.residual,
-            })
-        }
-    }
-
-    /// Coupled Newton iteration for `(m + damping I)^(-1/p)`, with its report (Higham,
-    /// *Functions of Matrices* eq. 7.18; Guo & Higham 2006).
-    ///
-    /// With `A = M + dI` and `z = (1 + p) / (2 ‖A‖_F)`: `X_0 = z^(1/p) I`, `M_0 = z A`; each
-    /// step `T = ((1 + 1/p) I - M / p)`, `X <- X T`, `M <- T^p M`, until
-    /// `max |M - I| < tolerance`; it stops early when that error grows by more than 1.2x (as
-    /// the reference Shampoo implementation) or stops shrinking (the `f32` rounding floor), and
-    /// returns the best iterate, judged by its residual `‖I - X^p A‖_F / (p √n)`.
+    /// Coupled Newton iteration for `(m + damping I)^(-1/p)` on this device, with its report
+    /// ([`iterate::coupled_newton`] under this backend's [`IterationConfig`]).
     ///
     /// # Errors
-    /// [`LinalgError::NonFinite`] for non-finite input; [`LinalgError::NotConverged`] when the
-    /// residual stays above the failure threshold.
+    /// As [`iterate::coupled_newton`].
     pub fn coupled_newton(
         &self,
         m: &Mat,
         p: u32,
         damping: f32,
     ) -> Result<(Mat, IterationReport), LinalgError> {
-        assert_eq!(m.rows, m.cols, "Backend::inv_root: {m:?} is not square");
-        assert!(p >= 1, "Backend::inv_root: p must be at least 1");
-        let n = m.rows;
-        if !damping.is_finite() {
-            return Err(LinalgError::NonFinite);
-        }
-        if n == 0 {
-            let rep = IterationReport {
-                iterations: 0,
-                iterations_run: 0,
-                residual: 0.0,
-                converged: true,
-            };
-            return Ok((self.zeros(0, 0), rep));
-        }
-        let a = self.affine(1.0, m, None, damping);
-        let norm = self.dot(&a, &a).sqrt();
-        if !norm.is_finite() {
-            return Err(LinalgError::NonFinite);
-        }
-        if norm <= 0.0 {
-            return Err(LinalgError::NotConverged {
-                iterations: 0,
-                residual: f64::INFINITY,
-            });
-        }
-        let pf = p as f64;
-        let z = (1.0 + pf) / (2.0 * norm);
-        let cfg = self.iteration;
-        let mut x = self.identity(n, z.powf(1.0 / pf) as f32);
-        let mut mk = self.affine(z as f32, &a, None, 0.0);
-        let mut err = self.max_abs_minus_identity(&mk);
-        if !err.is_finite() {
-            return Err(LinalgError::NonFinite);
-        }
-        let mut best = (x.clone(), err, 0usize);
-        let mut run = 0;
-        let (c1, c0) = (-(1.0 / pf) as f32, (1.0 + 1.0 / pf) as f32);
-        while err > cfg.tolerance as f64 && run < cfg.max_iterations {
-            let t = self.affine(c1, &mk, None, c0);
-            let x_new = self.gemm(1.0, &x, false, &t, false);
-            let tp = self.power(&t, p);
-            let m_new = self.gemm(1.0, &tp, false, &mk, false);
-            let e = self.max_abs_minus_identity(&m_new);
-            run += 1;
-            if !e.is_finite() || e > 1.2 * err {
-                break;
-            }
-            let stalled = e >= err;
-            x = x_new;
-            mk = m_new;
-            err = e;
-            if err < best.1 {
-                best = (x.clone(), err, run);
-            }
-            if stalled {
-                break;
-            }
-        }
-        let (x, err, iterations) = best;
-        // The residual of the result itself (the coupled M drifts from X^p A in rounding),
-        // divided by p: to first order, p times X's relative error.
-        let xp = self.power(&x, p);
-        let r = self.gemm_full(1.0, &xp, false, &a, false, 0, None, -1.0);
-        let res = (self.dot(&r, &r) / n as f64).sqrt() / pf;
-        if !res.is_finite() {
-            return Err(LinalgError::NonFinite);
-        }
-        let report = IterationReport {
-            iterations,
-            iterations_run: run,
-            residual: res,
-            converged: err <= cfg.tolerance as f64,
-        };
-        self.judge(x, report)
-    }
-
-    /// `t^p` by repeated squaring.
-    fn power(&self, t: &Mat, p: u32) -> Mat {
-        let mut result: Option<Mat> = None;
-        let mut base = t.clone();
-        let mut e = p;
-        loop {
-            if e & 1 == 1 {
-                result = Some(match result {
-                    None => base.clone(),
-                    Some(r) => self.gemm(1.0, &r, false, &base, false),
-                });
-            }
-            e >>= 1;
-            if e == 0 {
-                break;
-            }
-            base = self.gemm(1.0, &base, false, &base, false);
-        }
-        result.expect("p >= 1")
+        iterate::coupled_newton(self, m, p, damping as f64, &self.iteration)
     }
 }
 
