@@ -874,3 +874,34 @@ fn all_three_resume_to_the_bit_in_both_precisions() {
         }
     }
 }
+
+#[test]
+fn a_statistic_that_overflows_is_kept_as_it_was_and_reported() {
+    let mut rng = Rng::new(47);
+    let mut p = store(&[("w", &[3, 4])]);
+    let cfg = plain(AdaptiveConfig::shampoo()).with_graft(Some(Graft::Sgd));
+    let mut opt = Shampoo::new(&p, cfg).unwrap();
+    opt.step(&mut p, &grads(vec![gaussian(&[3, 4], &mut rng)]), &Captures::new())
+        .unwrap();
+    let before = opt.statistics("w", 0).unwrap();
+    // Finite, but its square overflows f32: G G^T is infinite.
+    let huge = Tensor::full(&[3, 4], 1e30);
+    let r = opt
+        .step(&mut p, &grads(vec![huge]), &Captures::new())
+        .unwrap();
+    let skipped: Vec<&Note> = r
+        .notes
+        .iter()
+        .filter(|n| {
+            matches!(
+                n,
+                Note::StatsSkipped {
+                    reason: kron_optim::curvature::StatsSkip::Overflow,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(skipped.len(), 2, "both axes: {:?}", r.notes);
+    assert_eq!(opt.statistics("w", 0).unwrap(), before, "statistics unchanged");
+}

@@ -103,6 +103,9 @@ struct BlockMeta {
     roots: Vec<RefreshMeta>,
 }
 
+/// What one block's stages produced: its direction, notes, statistics updated, root refreshed.
+type BlockStep = (Option<Vec<f32>>, Vec<Note>, bool, bool);
+
 /// What one parameter's stages produced at a step.
 struct ParamStep {
     /// Per block: the preconditioned direction, when usable.
@@ -314,96 +317,143 @@ impl<R: FactorRule> Adaptive<R> {
         };
         let stats_due = t.is_multiple_of(config.statistics_period);
         let refresh_due = t.is_multiple_of(config.refresh.period);
+        let labels: Vec<Vec<String>> = (0..slot.blocks.len())
+            .map(|j| {
+                (0..slot.blocks[j].dims.len())
+                    .map(|i| slot.label(j, i))
+                    .collect()
+            })
+            .collect();
+        let dims = &slot.dims;
+        // Blocks are independent: their stages (roots above all) run side by side.
+        let per_block: Vec<BlockStep> = slot
+            .blocks
+            .par_iter_mut()
+            .zip(labels)
+            .map(|(b, labels)| {
+                Self::block_stages(
+                    rule,
+                    config,
+                    be,
+                    b,
+                    &labels,
+                    g,
+                    dims,
+                    t,
+                    stats_due,
+                    refresh_due,
+                )
+            })
+            .collect();
+        for (dir, notes, stats, refreshed) in per_block {
+            out.dirs.push(dir);
+            out.notes.extend(notes);
+            out.stats |= stats;
+            out.refreshed |= refreshed;
+        }
+        out
+    }
+
+    /// Stages 1-3 of one block: its direction (when usable), notes, and whether its statistics
+    /// were updated and a root refreshed.
+    #[allow(clippy::too_many_arguments)]
+    fn block_stages(
+        rule: &R,
+        config: &AdaptiveConfig,
+        be: &dyn Backend,
+        b: &mut Block,
+        labels: &[String],
+        g: &Tensor,
+        dims: &[usize],
+        t: u64,
+        stats_due: bool,
+        refresh_due: bool,
+    ) -> BlockStep {
         let policy = config.refresh.failure;
         let eps = config.epsilon.value();
-        for j in 0..slot.blocks.len() {
-            let labels: Vec<String> = (0..slot.blocks[j].dims.len())
-                .map(|i| slot.label(j, i))
-                .collect();
-            let b = &mut slot.blocks[j];
-            let order = b.dims.len();
-            let gb = be.upload(&Tensor::from_vec(
-                shape::gather(g.data(), &slot.dims, &b.spec),
-                &[b.dims[0], b.spec.len() / b.dims[0]],
-            ));
-            if stats_due {
-                for i in rule.axes_due(&b.dims, b.updates) {
-                    let h = if rule.preconditioned_statistics() {
-                        let others: Vec<Option<&Mat>> = (0..order)
-                            .map(|a| {
-                                if a == i {
-                                    None
-                                } else {
-                                    b.roots[a].usable(&policy).map(|r| &r.value)
-                                }
-                            })
-                            .collect();
-                        precondition(be, &gb, &b.dims, &others)
-                    } else {
-                        gb.clone()
-                    };
-                    let (hm, tr) = unfolding(be, &h, &b.dims, i);
-                    let mut s = b.stats[i].clone();
-                    rule.update(be, &mut s, &hm, tr, config);
-                    if be.is_finite(&s) {
-                        b.stats[i] = s;
-                        b.counts[i] += 1;
-                        b.dirty[i] = true;
-                        out.stats = true;
-                    } else {
-                        out.notes.push(Note::StatsSkipped {
-                            block: labels[i].clone(),
-                            reason: StatsSkip::Overflow,
-                        });
-                    }
-                }
-                b.updates += 1;
-            }
-            if refresh_due {
-                for i in 0..order {
-                    let wanted = b.counts[i] > 0 && (!rule.refresh_updated_only() || b.dirty[i]);
-                    if !wanted {
-                        continue;
-                    }
-                    let mut retried = false;
-                    let (stat, count) = (&b.stats[i], b.counts[i]);
-                    let (ok, note) = b.roots[i].refresh(&policy, &labels[i], eps, |e| {
-                        rule.root(be, stat, order, count, e, config).map(|r| {
-                            retried = r.retried_f64;
-                            RefreshOk::clean(r.mat)
+        let mut out: BlockStep = (None, vec![], false, false);
+        let order = b.dims.len();
+        let gb = be.upload(&Tensor::from_vec(
+            shape::gather(g.data(), dims, &b.spec),
+            &[b.dims[0], b.spec.len() / b.dims[0]],
+        ));
+        if stats_due {
+            for i in rule.axes_due(&b.dims, b.updates) {
+                let h = if rule.preconditioned_statistics() {
+                    let others: Vec<Option<&Mat>> = (0..order)
+                        .map(|a| {
+                            if a == i {
+                                None
+                            } else {
+                                b.roots[a].usable(&policy).map(|r| &r.value)
+                            }
                         })
+                        .collect();
+                    precondition(be, &gb, &b.dims, &others)
+                } else {
+                    gb.clone()
+                };
+                let (hm, tr) = unfolding(be, &h, &b.dims, i);
+                let mut s = b.stats[i].clone();
+                rule.update(be, &mut s, &hm, tr, config);
+                if be.is_finite(&s) {
+                    b.stats[i] = s;
+                    b.counts[i] += 1;
+                    b.dirty[i] = true;
+                    out.2 = true;
+                } else {
+                    out.1.push(Note::StatsSkipped {
+                        block: labels[i].clone(),
+                        reason: StatsSkip::Overflow,
                     });
-                    if ok {
-                        b.dirty[i] = false;
-                        out.refreshed = true;
-                    }
-                    if retried {
-                        out.notes.push(Note::RetriedInF64 {
-                            block: labels[i].clone(),
-                        });
-                    }
-                    out.notes.extend(note);
                 }
             }
-            let roots: Vec<Option<&Mat>> = b
-                .roots
-                .iter()
-                .map(|r| r.usable(&policy).map(|r| &r.value))
-                .collect();
-            let usable = t >= config.start_step
-                && if rule.identity_before_root() {
-                    roots.iter().any(Option::is_some)
-                } else {
-                    roots.iter().all(Option::is_some)
-                };
-            out.dirs.push(usable.then(|| {
-                be.download(&precondition(be, &gb, &b.dims, &roots))
-                    .into_vec()
-            }));
-            if t >= config.start_step {
-                for (i, r) in b.roots.iter().enumerate() {
-                    out.notes.extend(r.fallback_note(&policy, &labels[i]));
+            b.updates += 1;
+        }
+        if refresh_due {
+            for i in 0..order {
+                let wanted = b.counts[i] > 0 && (!rule.refresh_updated_only() || b.dirty[i]);
+                if !wanted {
+                    continue;
                 }
+                let mut retried = false;
+                let (stat, count) = (&b.stats[i], b.counts[i]);
+                let (ok, note) = b.roots[i].refresh(&policy, &labels[i], eps, |e| {
+                    rule.root(be, stat, order, count, e, config).map(|r| {
+                        retried = r.retried_f64;
+                        RefreshOk::clean(r.mat)
+                    })
+                });
+                if ok {
+                    b.dirty[i] = false;
+                    out.3 = true;
+                }
+                if retried {
+                    out.1.push(Note::RetriedInF64 {
+                        block: labels[i].clone(),
+                    });
+                }
+                out.1.extend(note);
+            }
+        }
+        let roots: Vec<Option<&Mat>> = b
+            .roots
+            .iter()
+            .map(|r| r.usable(&policy).map(|r| &r.value))
+            .collect();
+        let usable = t >= config.start_step
+            && if rule.identity_before_root() {
+                roots.iter().any(Option::is_some)
+            } else {
+                roots.iter().all(Option::is_some)
+            };
+        out.0 = usable.then(|| {
+            be.download(&precondition(be, &gb, &b.dims, &roots))
+                .into_vec()
+        });
+        if t >= config.start_step {
+            for (i, r) in b.roots.iter().enumerate() {
+                out.1.extend(r.fallback_note(&policy, &labels[i]));
             }
         }
         out

@@ -12,7 +12,7 @@
 //!   with a damping step, preconditioner `P_i^(1/2)`.
 //!
 //! A method is a [`FactorRule`] (its statistic's start, update and root: one file each,
-//! [`shampoo`](self::shampoo) and [`kradagrad`](self::kradagrad)); the [`Adaptive`] engine
+//! [`shampoo`] and [`kradagrad`]); the [`Adaptive`] engine
 //! does the rest with the curvature core's pieces: the failure policy
 //! ([`Refreshing`](crate::curvature::Refreshing): keep the last good root, retry at a boosted
 //! epsilon, fall back to the grafted rule after repeated failures), grafting

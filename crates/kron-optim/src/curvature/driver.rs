@@ -45,7 +45,7 @@ struct BlockUpdate {
 ///
 /// 1. **statistics**: each block due folds in its capture or gradient;
 /// 2. **refresh**: every `refresh.period` steps, each block recomputes its result under the
-///    [failure policy](super::policy), blocks in parallel;
+///    [failure policy](super::FailurePolicy), blocks in parallel;
 /// 3. **precondition**: each block's gradient becomes a direction (the fallback rule's
 ///    gradient for blocks without a usable result);
 /// 4. **correction**: an optional [`Correction`] over all blocks at once;

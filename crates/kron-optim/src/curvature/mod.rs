@@ -21,19 +21,15 @@
 //!
 //! # How the next methods fit
 //!
-//! **Shampoo** (Gupta et al. 2018): a block per layer in the same `W_aug` layout, whose
-//! statistics read the gradient ([`CurvatureBlock::wants_gradient`]) instead of a capture and
-//! accumulate `L += G G^T`, `R += G^T G` (or their running averages); a refresh computes the
-//! inverse roots `L^{-1/4}`, `R^{-1/4}` (matrix powers with an eigenvalue floor); preconditioning
-//! is `L^{-1/4} G R^{-1/4}`. Blocking of large dimensions stays inside the block (its
-//! statistics are a list of sub-blocks). Grafting is a step-rule part the method applies to
-//! each block's direction; no driver change.
-//!
-//! **KrADagrad** (Moreno et al. 2023): the block keeps the *inverse* statistics and updates
-//! them each step from the gradient with a rank-`k` formula; its "refresh" is a cheap
-//! re-symmetrization or, every so often, an exact recomputation that can fail and fall back
-//! like any other, under the same failure policy. Preconditioning multiplies by the kept
-//! inverse roots.
+//! **Shampoo and KrADagrad** ([`adaptive`](crate::adaptive)) read only parameter gradients,
+//! work on any parameter (a bias is a 1-D parameter of its own, not a column of `W_aug`),
+//! split parameters into blocks of their own and need neither KL clipping nor the
+//! Levenberg-Marquardt model, so they run on their own engine,
+//! [`Adaptive`](crate::adaptive::Adaptive), built from this core's pieces: the failure policy
+//! ([`Refreshing`] per axis, the boost multiplying the epsilon of a retry), grafting
+//! ([`Grafting`]), [`apply_direction`], the typed [`Note`]s, the schedules and the
+//! all-or-nothing commit. Each method is one [`FactorRule`](crate::adaptive::FactorRule): its
+//! statistic's start, update and root.
 //!
 //! **Two-level KFAC** (Koroko et al. 2023): its blocks are KFAC's; the coarse-space correction
 //! needs every block's preconditioned gradient at once, which is what [`Correction`] receives
