@@ -84,7 +84,7 @@ pub fn run_digits(steps: usize, which: usize) -> AdaptiveRun {
             &model,
             LossKind::CrossEntropy,
             &mut params,
-            opt.as_mut(),
+            &mut opt, // a Box<dyn Optimizer> is an Optimizer
             &x,
             &Targets::Classes(y),
             &mut rng,

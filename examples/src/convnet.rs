@@ -66,7 +66,7 @@ pub const EXAMPLE: Example = Example {
         (OptimizerKind::Sgd, 0.01),
         (OptimizerKind::Adam, 1e-3),
         (OptimizerKind::Kfac, 0.01),
-        (OptimizerKind::Shampoo, 1e-3),
+        (OptimizerKind::Shampoo, 3e-4),
         (OptimizerKind::KrAdagradStar, 0.01),
         (OptimizerKind::KrAdagrad, 0.01),
     ],

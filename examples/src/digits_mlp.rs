@@ -70,8 +70,8 @@ pub const EXAMPLE: Example = Example {
         (OptimizerKind::Sgd, 0.03),
         (OptimizerKind::Adam, 1e-3),
         (OptimizerKind::Kfac, 0.03),
-        (OptimizerKind::Shampoo, 1e-3),
-        (OptimizerKind::KrAdagradStar, 0.1),
+        (OptimizerKind::Shampoo, 3e-4),
+        (OptimizerKind::KrAdagradStar, 0.03),
         (OptimizerKind::KrAdagrad, 0.1),
     ],
     grid: |k| match k {

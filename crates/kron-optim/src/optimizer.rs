@@ -274,6 +274,52 @@ pub trait Optimizer: Send {
     fn load_state(&mut self, state: OptimState) -> Result<(), OptimError>;
 }
 
+/// A boxed optimizer is an optimizer: `train_step(.., &mut opt, ..)` takes a
+/// `Box<dyn Optimizer>` chosen at run time as it takes a concrete one.
+impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn steps_taken(&self) -> u64 {
+        (**self).steps_taken()
+    }
+    fn wants(&self) -> Wants {
+        (**self).wants()
+    }
+    fn step(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+    ) -> Result<StepReport, OptimError> {
+        (**self).step(params, grads, curvature)
+    }
+    fn step_with_curvature(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+        products: &dyn CurvatureProducts,
+    ) -> Result<StepReport, OptimError> {
+        (**self).step_with_curvature(params, grads, curvature, products)
+    }
+    fn observe_reduction(&mut self, before: f32, after: f32) {
+        (**self).observe_reduction(before, after)
+    }
+    fn learning_rate(&self) -> f32 {
+        (**self).learning_rate()
+    }
+    fn set_learning_rate(&mut self, lr: f32) -> Result<(), OptimError> {
+        (**self).set_learning_rate(lr)
+    }
+    fn state(&self) -> OptimState {
+        (**self).state()
+    }
+    fn load_state(&mut self, state: OptimState) -> Result<(), OptimError> {
+        (**self).load_state(state)
+    }
+}
+
 /// Refuses a step whose gradients hold NaN or infinity, naming the parameter.
 pub fn check_finite(params: &ParamStore, grads: &Gradients) -> Result<(), OptimError> {
     match grads.first_non_finite() {

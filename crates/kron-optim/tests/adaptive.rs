@@ -881,8 +881,12 @@ fn a_statistic_that_overflows_is_kept_as_it_was_and_reported() {
     let mut p = store(&[("w", &[3, 4])]);
     let cfg = plain(AdaptiveConfig::shampoo()).with_graft(Some(Graft::Sgd));
     let mut opt = Shampoo::new(&p, cfg).unwrap();
-    opt.step(&mut p, &grads(vec![gaussian(&[3, 4], &mut rng)]), &Captures::new())
-        .unwrap();
+    opt.step(
+        &mut p,
+        &grads(vec![gaussian(&[3, 4], &mut rng)]),
+        &Captures::new(),
+    )
+    .unwrap();
     let before = opt.statistics("w", 0).unwrap();
     // Finite, but its square overflows f32: G G^T is infinite.
     let huge = Tensor::full(&[3, 4], 1e30);
@@ -903,5 +907,9 @@ fn a_statistic_that_overflows_is_kept_as_it_was_and_reported() {
         })
         .collect();
     assert_eq!(skipped.len(), 2, "both axes: {:?}", r.notes);
-    assert_eq!(opt.statistics("w", 0).unwrap(), before, "statistics unchanged");
+    assert_eq!(
+        opt.statistics("w", 0).unwrap(),
+        before,
+        "statistics unchanged"
+    );
 }
