@@ -19,6 +19,7 @@ mod first_order;
 mod kfac;
 mod optimizer;
 mod schedule;
+pub mod twolevel;
 mod validate;
 
 pub use adaptive::{
@@ -38,3 +39,4 @@ pub use optimizer::{
     Captures, FisherKind, OptimState, Optimizer, StepReport, Tensor64, Wants, check_finite,
 };
 pub use schedule::{Decay, Schedule};
+pub use twolevel::{CoarseConfig, CoarseSpace, TwoLevelKfac};

@@ -4,103 +4,16 @@
 use std::sync::{Arc, Mutex};
 
 use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor};
-use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
+mod common;
+
+use common::{Net, add_diag, convnet, kron, mat64, mlp, solve, trace};
+use kron_layers::{Dense, Module, Sequential};
 use kron_optim::backend::{Eigh, Inverse, LinalgError, Mat};
 use kron_optim::curvature::{Kept, StatsSkip};
 use kron_optim::{
     Backend, Captures, CpuBackend, CurvatureProducts, EigenDamping, FisherKind, InverseMethod,
     Kfac, KfacConfig, Note, OptimError, Optimizer, Precision, StepReport, StepRule, TapeCurvature,
 };
-
-/// Solves `m x = b` (dense, f64) by Gaussian elimination with partial pivoting.
-fn solve(mut m: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
-    let n = b.len();
-    for c in 0..n {
-        let p = (c..n)
-            .max_by(|&i, &j| m[i][c].abs().total_cmp(&m[j][c].abs()))
-            .unwrap();
-        m.swap(c, p);
-        b.swap(c, p);
-        for r in c + 1..n {
-            let f = m[r][c] / m[c][c];
-            for k in c..n {
-                m[r][k] -= f * m[c][k];
-            }
-            b[r] -= f * b[c];
-        }
-    }
-    let mut x = vec![0.0; n];
-    for r in (0..n).rev() {
-        let s: f64 = (r + 1..n).map(|k| m[r][k] * x[k]).sum();
-        x[r] = (b[r] - s) / m[r][r];
-    }
-    x
-}
-
-fn mat64(t: &Tensor) -> Vec<Vec<f64>> {
-    let (r, c) = t.dims2();
-    (0..r)
-        .map(|i| (0..c).map(|j| t.data()[i * c + j] as f64).collect())
-        .collect()
-}
-
-/// `kron(x, y)` of square matrices.
-fn kron(x: &[Vec<f64>], y: &[Vec<f64>]) -> Vec<Vec<f64>> {
-    let (n, m) = (x.len(), y.len());
-    let mut out = vec![vec![0.0; n * m]; n * m];
-    for i in 0..n {
-        for j in 0..n {
-            for k in 0..m {
-                for l in 0..m {
-                    out[i * m + k][j * m + l] = x[i][j] * y[k][l];
-                }
-            }
-        }
-    }
-    out
-}
-
-fn add_diag(mut x: Vec<Vec<f64>>, v: f64) -> Vec<Vec<f64>> {
-    for (i, row) in x.iter_mut().enumerate() {
-        row[i] += v;
-    }
-    x
-}
-
-fn trace(x: &[Vec<f64>]) -> f64 {
-    (0..x.len()).map(|i| x[i][i]).sum()
-}
-
-struct Net {
-    store: ParamStore,
-    model: Sequential,
-}
-
-fn mlp(seed: u64) -> Net {
-    let mut store = ParamStore::new();
-    let mut rng = Rng::new(seed);
-    let model = Sequential::new()
-        .push(Dense::new(&mut store, "0", 3, 4, &mut rng))
-        .push(Activation::Tanh)
-        .push(Dense::new(&mut store, "2", 4, 2, &mut rng));
-    Net { store, model }
-}
-
-fn convnet(seed: u64) -> Net {
-    let mut store = ParamStore::new();
-    let mut rng = Rng::new(seed);
-    let model = Sequential::new()
-        .push(
-            Conv2dConfig::new(2, 3, 3)
-                .with_padding(1)
-                .with_stride(2)
-                .build(&mut store, "c", &mut rng),
-        )
-        .push(Activation::Relu)
-        .push(Flatten)
-        .push(Dense::new(&mut store, "fc", 3 * 3 * 3, 2, &mut rng));
-    Net { store, model }
-}
 
 /// Gradients and empirical-Fisher captures of a batch.
 fn backward(net: &Net, kfac: &Kfac, x: &Tensor, y: &[usize]) -> (Gradients, Captures) {
@@ -191,6 +104,7 @@ fn preconditioned_update_equals_dense_solve_with_the_damped_kronecker_product() 
         InverseMethod::Inverse,
         InverseMethod::Eigen(EigenDamping::Factored),
         InverseMethod::Eigen(EigenDamping::Tikhonov),
+        InverseMethod::Eigen(EigenDamping::PerFactor),
     ] {
         for mut net in [mlp(3), convnet(3)] {
             let x = if net.model.fisher_blocks()[0].is_conv() {
@@ -214,6 +128,9 @@ fn preconditioned_update_equals_dense_solve_with_the_damped_kronecker_product() 
                 let u = kfac.precondition(&b.path, &v).unwrap();
                 let k = match method {
                     InverseMethod::Eigen(EigenDamping::Tikhonov) => add_diag(kron(&gf, &a), lambda),
+                    InverseMethod::Eigen(EigenDamping::PerFactor) => {
+                        kron(&add_diag(gf.clone(), lambda), &add_diag(a.clone(), lambda))
+                    }
                     _ => {
                         let pi =
                             ((trace(&a) / a.len() as f64) / (trace(&gf) / gf.len() as f64)).sqrt();

@@ -8,9 +8,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::block::{CurvatureBlock, StatsInput, from_state, put};
-use super::config::{CoreConfig, Fallback, StepRule};
+use super::config::{CoreConfig, Fallback, StatisticsConfig, StepRule};
 use super::note::Note;
-use super::policy::{RefreshMeta, Refreshing};
+use super::policy::{RefreshMeta, Refreshed, Refreshing};
 use super::products::CurvatureProducts;
 use super::rules::{apply_direction, kl_clip_factor};
 use crate::backend::{Backend, Mat};
@@ -19,19 +19,51 @@ use crate::first_order::{Adam, Slots};
 use crate::optimizer::{Captures, OptimState, Optimizer, StepReport, Wants, check_finite};
 use crate::validate::{positive, step_lr};
 
+/// What a [`Correction`] sees of the step: every block, its usable refreshed result, its
+/// gradient, this step's captures, and the blocks' own preconditioner as a function.
+pub struct CorrectionInput<'a, B: CurvatureBlock> {
+    /// The backend the blocks' matrices live on.
+    pub backend: &'a dyn Backend,
+    /// The blocks (for their factors and layouts).
+    pub blocks: &'a [B],
+    /// Each block's usable refreshed result (`None` before a successful refresh or while the
+    /// block takes the fallback rule).
+    pub refreshed: Vec<Option<&'a Refreshed<B::Refreshed>>>,
+    /// Each block's gradient `v` in the `W_aug` layout (`None` for blocks without one).
+    pub gradients: &'a [Option<&'a Tensor>],
+    /// This step's captures (empty on steps that gathered none).
+    pub captures: &'a Captures,
+    /// The shared statistics settings (decay, examples per batch).
+    pub statistics: &'a StatisticsConfig,
+    /// The damping λ in force.
+    pub lambda: f64,
+    /// The step being taken (from 0).
+    pub step: u64,
+    /// Whether some block refreshed this step.
+    pub refreshed_now: bool,
+    precondition: &'a (dyn Fn(usize, &Tensor) -> Option<Tensor> + Sync),
+}
+
+impl<B: CurvatureBlock> CorrectionInput<'_, B> {
+    /// The block preconditioner `M_i^{-1} x` of block `i` for a host matrix `x` in its
+    /// `W_aug` layout, with the refreshed result and damping the step itself uses; `None`
+    /// when the block has no usable result.
+    pub fn precondition(&self, i: usize, x: &Tensor) -> Option<Tensor> {
+        (self.precondition)(i, x)
+    }
+}
+
 /// A correction over all blocks at once, between preconditioning and clipping: it sees every
 /// block's gradient `v` and direction `u` (host tensors in the `W_aug` layout; `None` for
 /// blocks without a gradient or without a usable refresh) and may change the directions.
 /// Two-level KFAC's coarse-space term is one.
 pub trait Correction<B: CurvatureBlock>: Send {
-    /// Corrects `directions` in place, returning notes for the report.
+    /// Corrects `directions` in place, returning notes for the report. On `Err` the step is
+    /// refused and nothing changes.
     fn correct(
         &mut self,
-        be: &dyn Backend,
-        blocks: &[B],
-        gradients: &[Option<&Tensor>],
+        input: &CorrectionInput<'_, B>,
         directions: &mut [Option<Tensor>],
-        lambda: f32,
     ) -> Result<Vec<Note>, OptimError>;
 }
 
@@ -264,13 +296,23 @@ impl<B: CurvatureBlock> Driver<B> {
                 .collect();
             let gradients: Vec<Option<&Tensor>> =
                 updates.iter().map(|u| u.as_ref().map(|u| &u.v)).collect();
-            let notes = c.correct(
-                self.backend.as_ref(),
-                &self.blocks,
-                &gradients,
-                &mut dirs,
-                self.damping,
-            )?;
+            let policy = cfg.refresh.failure;
+            let this = &*self;
+            let precondition =
+                |i: usize, x: &Tensor| this.direction(&this.blocks[i], &this.refresh[i], x);
+            let input = CorrectionInput {
+                backend: self.backend.as_ref(),
+                blocks: &self.blocks,
+                refreshed: self.refresh.iter().map(|r| r.usable(&policy)).collect(),
+                gradients: &gradients,
+                captures: curvature,
+                statistics: &self.config.statistics,
+                lambda: self.damping as f64,
+                step: self.step,
+                refreshed_now: report.refreshed,
+                precondition: &precondition,
+            };
+            let notes = c.correct(&input, &mut dirs)?;
             report.notes.extend(notes);
             for (up, d) in updates.iter_mut().zip(dirs) {
                 if let Some(up) = up {
@@ -346,7 +388,9 @@ impl<B: CurvatureBlock> Driver<B> {
         // batch 1000, 2 cores).
         let mut any = false;
         for b in &mut self.blocks {
-            let capture = if b.wants_capture() {
+            // Captures handed over on steps a block's statistics are not due (a correction
+            // may want them) are not folded in.
+            let capture = if b.wants_capture() && is_due(&scfg, b.layout(), step) {
                 curvature.get(&b.layout().layer)
             } else {
                 None

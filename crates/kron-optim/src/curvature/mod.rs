@@ -49,7 +49,7 @@ pub use config::{
     CoreConfig, DampingConfig, Fallback, LevenbergMarquardt, RefreshConfig, StatisticsConfig,
     StepConfig, StepRule,
 };
-pub use driver::{Correction, Driver};
+pub use driver::{Correction, CorrectionInput, Driver};
 pub use note::{Kept, Note, StatsSkip};
 pub use policy::{FailurePolicy, RefreshMeta, RefreshOk, Refreshed, Refreshing};
 pub use products::{CurvatureProducts, TapeCurvature};

@@ -114,7 +114,17 @@ pub enum Note {
         /// Its Gram matrix, row-major.
         gram: Vec<f64>,
     },
-    /// A method's own note (for example a coarse correction's), already rendered.
+    /// Two-level KFAC took no coarse correction this step (the one-level directions stand).
+    CoarseSkipped {
+        /// Why.
+        reason: String,
+    },
+    /// The coarse correction's matrix or solve failed; `reason` says what was kept.
+    CoarseFailed {
+        /// What failed and what the step used instead.
+        reason: String,
+    },
+    /// A method's own note, already rendered.
     Method(String),
 }
 
@@ -193,6 +203,8 @@ impl fmt::Display for Note {
                 "quadratic model not positive definite or not finite (Gram {gram:?}): no step \
                  on the Fisher blocks"
             ),
+            Note::CoarseSkipped { reason } => write!(f, "coarse correction skipped: {reason}"),
+            Note::CoarseFailed { reason } => write!(f, "coarse correction failed: {reason}"),
             Note::Method(s) => f.write_str(s),
         }
     }

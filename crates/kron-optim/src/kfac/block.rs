@@ -223,6 +223,11 @@ impl CurvatureBlock for KfacBlock {
                     InverseMethod::Eigen(EigenDamping::Tikhonov) => {
                         be.div_outer(&mut t, &eg0, &ea0, lambda)
                     }
+                    InverseMethod::Eigen(EigenDamping::PerFactor) => {
+                        let left: Vec<f64> = eg0.iter().map(|x| x + lambda).collect();
+                        let right: Vec<f64> = ea0.iter().map(|x| x + lambda).collect();
+                        be.div_outer(&mut t, &left, &right, 0.0)
+                    }
                     _ => {
                         // π from the factors as they were at the refresh: the eigenvalue
                         // sums are their traces.

@@ -18,6 +18,10 @@ pub enum EigenDamping {
     Factored,
     /// Exact Tikhonov damping of the Kronecker product: `e_G e_A^T + λ` (kfac-pytorch's EIGEN).
     Tikhonov,
+    /// The whole `λ` added to each factor: `(e_G + λ)(e_A + λ)`, as the two-level KFAC authors'
+    /// code does (Koroko et al.; for reproductions). Its damping is of order `λ (e_G + e_A)`,
+    /// not `λ`, so the same `λ` damps far more than the other two modes.
+    PerFactor,
 }
 
 /// How the Kronecker factors are inverted.

@@ -57,30 +57,7 @@ impl Kfac {
         config: KfacConfig,
         backend: Box<dyn Backend>,
     ) -> Result<Self, OptimError> {
-        config.validate()?;
-        if backend.precision() != config.refresh.precision {
-            return Err(OptimError::Config {
-                field: "refresh.precision".into(),
-                detail: format!(
-                    "is {:?}, but the backend {} computes in {:?}",
-                    config.refresh.precision,
-                    backend.name(),
-                    backend.precision()
-                ),
-            });
-        }
-        let blocks = blocks
-            .into_iter()
-            .map(|b| KfacBlock::new(b, config.method))
-            .collect();
-        let driver = Driver::new(
-            "kfac",
-            blocks,
-            params,
-            config.core(),
-            backend,
-            structure(&config),
-        )?;
+        let driver = build_driver("kfac", blocks, params, &config, backend, structure(&config))?;
         Ok(Kfac { config, driver })
     }
 
@@ -133,9 +110,38 @@ impl Kfac {
     }
 }
 
+/// The staged driver of KFAC's blocks, named `kind`, after checking `config` and that the
+/// backend computes in the configured precision (shared with two-level KFAC).
+pub(crate) fn build_driver(
+    kind: &'static str,
+    blocks: Vec<FisherBlock>,
+    params: &ParamStore,
+    config: &KfacConfig,
+    backend: Box<dyn Backend>,
+    structure: serde_json::Value,
+) -> Result<Driver<KfacBlock>, OptimError> {
+    config.validate()?;
+    if backend.precision() != config.refresh.precision {
+        return Err(OptimError::Config {
+            field: "refresh.precision".into(),
+            detail: format!(
+                "is {:?}, but the backend {} computes in {:?}",
+                config.refresh.precision,
+                backend.name(),
+                backend.precision()
+            ),
+        });
+    }
+    let blocks = blocks
+        .into_iter()
+        .map(|b| KfacBlock::new(b, config.method))
+        .collect();
+    Driver::new(kind, blocks, params, config.core(), backend, structure)
+}
+
 /// What a saved state must agree with: the inverse method and the precision (the fallback
 /// rule's kind and the block layout the driver checks itself).
-fn structure(c: &KfacConfig) -> serde_json::Value {
+pub(crate) fn structure(c: &KfacConfig) -> serde_json::Value {
     serde_json::json!({
         "method": c.method,
         "precision": c.refresh.precision,
