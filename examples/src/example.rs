@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use kron::layers::Module;
-use kron::optim::{KfacConfig, LevenbergMarquardt, StepRule};
+use kron::optim::{CoarseConfig, KfacConfig, LevenbergMarquardt, StepRule};
 use kron::prelude::*;
 
 use crate::cli::{CliError, Flags};
@@ -17,8 +17,10 @@ use crate::train::{
 /// The flags every example takes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// `--optimizer sgd|adam|kfac|shampoo|kradagrad|kradagrad-star`.
+    /// `--optimizer sgd|adam|kfac|kfac-2l|shampoo|kradagrad|kradagrad-star`.
     pub optimizer: OptimizerKind,
+    /// `--coarse NAME`: two-level KFAC's coarse space (default Nicolaides).
+    pub coarse: Option<CoarseConfig>,
     /// `--lr`: the learning rate (default: the example's tuned value for the optimizer).
     pub lr: Option<f32>,
     /// `--epochs` (default: the example's).
@@ -66,6 +68,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             optimizer: OptimizerKind::Adam,
+            coarse: None,
             lr: None,
             epochs: None,
             batch_size: None,
@@ -93,8 +96,10 @@ impl Default for Config {
 // ANCHOR: usage
 /// The usage text shared by the examples.
 pub const USAGE: &str = "flags:
-  --optimizer NAME            sgd, adam, kfac, shampoo, kradagrad or kradagrad-star
-                              (default: the example's)
+  --optimizer NAME            sgd, adam, kfac, kfac-2l (two-level KFAC), shampoo,
+                              kradagrad or kradagrad-star (default: the example's)
+  --coarse NAME               kfac-2l's coarse space: nicolaides (default), spectral,
+                              residual, tselepidis, krylov-nicolaides, krylov-residual
   --lr X                      learning rate (default: the tuned value for the optimizer)
   --epochs N                  epochs
   --batch-size N              mini-batch size
@@ -137,6 +142,10 @@ impl Config {
                 .map(|s| s.parse().map_err(CliError))
                 .transpose()?
                 .unwrap_or(default_optimizer),
+            coarse: f
+                .get::<String>("coarse")?
+                .map(|s| CoarseConfig::parse(&s).map_err(|e| CliError(format!("--coarse: {e}"))))
+                .transpose()?,
             lr: f.get("lr")?,
             epochs: f.get("epochs")?,
             batch_size: f.get("batch-size")?,
@@ -189,6 +198,11 @@ impl Config {
         };
         positive("lr", self.lr)?;
         positive("damping", self.damping)?;
+        if self.coarse.is_some() && self.optimizer != OptimizerKind::TwoLevelKfac {
+            return Err(CliError(
+                "--coarse sets two-level KFAC's coarse space: add --optimizer kfac-2l".into(),
+            ));
+        }
         if let Some(k) = self.kl_clip
             && !(k.is_finite() && k >= 0.0)
         {
@@ -334,7 +348,10 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         kfac = kfac.with_adaptive_damping(Some(LevenbergMarquardt::default()));
     }
     if cfg.lr.is_some()
-        && cfg.optimizer == OptimizerKind::Kfac
+        && matches!(
+            cfg.optimizer,
+            OptimizerKind::Kfac | OptimizerKind::TwoLevelKfac
+        )
         && kfac.step.rule == StepRule::QuadraticModel
     {
         return Err(format!(
@@ -343,7 +360,8 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
             ex.name
         ));
     }
-    let optim = default_optimizer(kfac, ex.adaptive);
+    let coarse = cfg.coarse.unwrap_or_default();
+    let optim = default_optimizer(kfac, coarse, ex.adaptive);
     let spec = RunSpec {
         optimizer: cfg.optimizer,
         lr: 0.0,
@@ -356,7 +374,12 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         backend: cfg.backend,
         trace: cfg.trace,
     };
+    // Two-level KFAC runs at KFAC's tuned rate.
     let tuned = |k: OptimizerKind| {
+        let k = match k {
+            OptimizerKind::TwoLevelKfac => OptimizerKind::Kfac,
+            k => k,
+        };
         ex.lrs
             .iter()
             .find(|(o, _)| *o == k)

@@ -11,6 +11,7 @@ pub mod example;
 pub mod ill_conditioned;
 pub mod report;
 pub mod train;
+pub mod two_level;
 
 use kron::optim::{AdaptiveConfig, KfacConfig, Ridge};
 

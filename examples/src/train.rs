@@ -8,8 +8,8 @@ use std::time::Instant;
 use kron::data::Batches;
 use kron::layers::Module;
 use kron::optim::{
-    Adam, AdamConfig, AdaptiveConfig, Kfac, KfacConfig, KrAdagrad, KrAdagradStar, Optimizer, Sgd,
-    SgdConfig, Shampoo,
+    Adam, AdamConfig, AdaptiveConfig, CoarseConfig, Kfac, KfacConfig, KrAdagrad, KrAdagradStar,
+    Optimizer, Sgd, SgdConfig, Shampoo, TwoLevelKfac,
 };
 use kron::prelude::*;
 
@@ -24,6 +24,8 @@ pub enum OptimizerKind {
     Adam,
     /// KFAC (KFC for conv layers) as a preconditioner for SGD with momentum.
     Kfac,
+    /// Two-level KFAC: KFAC's configuration plus a coarse-space correction.
+    TwoLevelKfac,
     /// Shampoo.
     Shampoo,
     /// KrADagrad*.
@@ -39,6 +41,7 @@ impl OptimizerKind {
             OptimizerKind::Sgd => "sgd",
             OptimizerKind::Adam => "adam",
             OptimizerKind::Kfac => "kfac",
+            OptimizerKind::TwoLevelKfac => "kfac-2l",
             OptimizerKind::Shampoo => "shampoo",
             OptimizerKind::KrAdagradStar => "kradagrad-star",
             OptimizerKind::KrAdagrad => "kradagrad",
@@ -58,12 +61,13 @@ impl FromStr for OptimizerKind {
             "sgd" => Ok(OptimizerKind::Sgd),
             "adam" => Ok(OptimizerKind::Adam),
             "kfac" => Ok(OptimizerKind::Kfac),
+            "kfac-2l" => Ok(OptimizerKind::TwoLevelKfac),
             "shampoo" => Ok(OptimizerKind::Shampoo),
             "kradagrad-star" => Ok(OptimizerKind::KrAdagradStar),
             "kradagrad" => Ok(OptimizerKind::KrAdagrad),
             _ => Err(format!(
-                "unknown optimizer {s:?} (expected sgd, adam, kfac, shampoo, kradagrad or \
-                 kradagrad-star)"
+                "unknown optimizer {s:?} (expected sgd, adam, kfac, kfac-2l, shampoo, \
+                 kradagrad or kradagrad-star)"
             )),
         }
     }
@@ -274,10 +278,11 @@ impl AdaptiveRecipe {
 }
 
 /// The examples' optimizer recipes: SGD with momentum 0.9 (Nesterov), Adam, KFAC with the given
-/// configuration, and Shampoo, KrADagrad* and KrADagrad with theirs, each at the given learning
-/// rate.
+/// configuration (two-level KFAC with it and the given coarse space), and Shampoo, KrADagrad*
+/// and KrADagrad with theirs, each at the given learning rate.
 pub fn default_optimizer(
     kfac: KfacConfig,
+    coarse: CoarseConfig,
     adaptive: AdaptiveRecipe,
 ) -> impl Fn(
     OptimizerKind,
@@ -304,6 +309,24 @@ pub fn default_optimizer(
                     BackendKind::Wgpu => Box::new(
                         Kfac::with_backend(model.fisher_blocks(), params, cfg, wgpu_backend()?)
                             .map_err(e)?,
+                    ),
+                }
+            }
+            OptimizerKind::TwoLevelKfac => {
+                let cfg = kfac.with_schedule(kron::optim::Schedule::constant(lr));
+                match backend {
+                    BackendKind::Cpu => {
+                        Box::new(TwoLevelKfac::new(model, params, cfg, coarse).map_err(e)?)
+                    }
+                    BackendKind::Wgpu => Box::new(
+                        TwoLevelKfac::with_backend(
+                            model.fisher_blocks(),
+                            params,
+                            cfg,
+                            coarse,
+                            wgpu_backend()?,
+                        )
+                        .map_err(e)?,
                     ),
                 }
             }

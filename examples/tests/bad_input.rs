@@ -68,6 +68,11 @@ fn bad_values_are_usage_errors_naming_the_flag() {
         (&["--stats-period", "0"], "--stats-period"),
         (&["--inverse-period", "0"], "--inverse-period"),
         (&["--lr", "0.1", "--compare"], "--lr"),
+        (
+            &["--optimizer", "kfac-2l", "--coarse", "coarsest"],
+            "--coarse",
+        ),
+        (&["--coarse", "residual"], "--coarse"),
     ] {
         let e = flags(args).unwrap_err();
         assert!(e.contains(flag), "{args:?}: {e}");
@@ -89,6 +94,27 @@ fn a_learning_rate_that_would_be_ignored_is_refused() {
     };
     let e = run_example(&autoencoder::EXAMPLE, &cfg).unwrap_err();
     assert!(e.contains("--lr") && e.contains("--kfac-step sgd"), "{e}");
+}
+
+/// Two-level KFAC runs from the flags with each coarse space; its name is in the table.
+#[test]
+fn two_level_kfac_runs_with_each_coarse_space() {
+    for coarse in ["nicolaides", "krylov-residual", "tselepidis"] {
+        let cfg = flags(&[
+            "--optimizer",
+            "kfac-2l",
+            "--coarse",
+            coarse,
+            "--fast",
+            "--quiet",
+        ])
+        .unwrap();
+        assert_eq!(cfg.optimizer, OptimizerKind::TwoLevelKfac);
+        let s = run_example(&digits_mlp::EXAMPLE, &cfg).unwrap();
+        assert!(s.stopped.is_empty(), "{coarse}: {:?}", s.stopped);
+        let text = s.render(false);
+        assert!(text.contains("kfac-2l"), "{text}");
+    }
 }
 
 #[test]

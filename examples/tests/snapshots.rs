@@ -356,3 +356,114 @@ fn ill_conditioned_fast() {
     );
     insta::assert_snapshot!(render(&cfg, &all, false, false));
 }
+
+/// Two-level KFAC's `--fast` run: the direction check on a 6-layer linear net and two seeds of
+/// training on the fast autoencoder and conv net, the layout snapshotted with every number
+/// masked and the numbers held here (the directions come from one step with `f64` factors, so
+/// they move with the kernels by far less than 1e-3).
+#[test]
+fn two_level_fast() {
+    use kron_examples::two_level::{METHODS, TwoLevelConfig, label, render, run_all};
+    let cfg =
+        TwoLevelConfig::from_args(["--fast".to_string(), "--rounds".into(), "0".into()]).unwrap();
+    let r = run_all(&cfg).unwrap();
+    // (damping, method, lambda, angle in degrees, relative error)
+    let want: [(&str, &str, f64, f64, f64); 42] = [
+        ("kron", "kfac", 1e-3, 87.2942, 3.57565),
+        ("kron", "2l-nicolaides", 1e-3, 87.5206, 3.58819),
+        ("kron", "2l-spectral", 1e-3, 87.2969, 3.57684),
+        ("kron", "2l-residual", 1e-3, 87.2973, 3.75106),
+        ("kron", "2l-tselepidis", 1e-3, 87.584, 3.59324),
+        ("kron", "2l-krylov-nicolaides", 1e-3, 87.5627, 3.59494),
+        ("kron", "2l-krylov-residual", 1e-3, 87.3812, 3.91633),
+        ("per-factor", "kfac", 1e-3, 90.2313, 86.2969),
+        ("per-factor", "2l-nicolaides", 1e-3, 90.2402, 86.3003),
+        ("per-factor", "2l-spectral", 1e-3, 90.2313, 86.2969),
+        ("per-factor", "2l-residual", 1e-3, 90.2244, 86.8789),
+        ("per-factor", "2l-tselepidis", 1e-3, 90.2426, 86.3013),
+        ("per-factor", "2l-krylov-nicolaides", 1e-3, 90.2405, 86.3046),
+        ("per-factor", "2l-krylov-residual", 1e-3, 90.2248, 86.934),
+        ("kron", "kfac", 1e-2, 75.1334, 2.45955),
+        ("kron", "2l-nicolaides", 1e-2, 74.698, 2.53404),
+        ("kron", "2l-spectral", 1e-2, 75.1358, 2.4598),
+        ("kron", "2l-residual", 1e-2, 74.5273, 2.60658),
+        ("kron", "2l-tselepidis", 1e-2, 75.2798, 2.56448),
+        ("kron", "2l-krylov-nicolaides", 1e-2, 74.7381, 2.54098),
+        ("kron", "2l-krylov-residual", 1e-2, 74.6998, 2.65529),
+        ("per-factor", "kfac", 1e-2, 85.5525, 27.4845),
+        ("per-factor", "2l-nicolaides", 1e-2, 85.4656, 27.4868),
+        ("per-factor", "2l-spectral", 1e-2, 85.5525, 27.4845),
+        ("per-factor", "2l-residual", 1e-2, 85.4756, 28.1289),
+        ("per-factor", "2l-tselepidis", 1e-2, 85.5082, 27.4931),
+        ("per-factor", "2l-krylov-nicolaides", 1e-2, 85.4677, 27.4941),
+        ("per-factor", "2l-krylov-residual", 1e-2, 85.481, 28.166),
+        ("kron", "kfac", 1e-1, 64.4057, 2.37018),
+        ("kron", "2l-nicolaides", 1e-1, 63.9205, 2.77024),
+        ("kron", "2l-spectral", 1e-1, 64.406, 2.37021),
+        ("kron", "2l-residual", 1e-1, 63.9313, 2.60382),
+        ("kron", "2l-tselepidis", 1e-1, 66.4699, 2.95422),
+        ("kron", "2l-krylov-nicolaides", 1e-1, 64.0378, 2.78896),
+        ("kron", "2l-krylov-residual", 1e-1, 63.9685, 2.66934),
+        ("per-factor", "kfac", 1e-1, 67.4791, 7.3861),
+        ("per-factor", "2l-nicolaides", 1e-1, 66.4359, 7.57367),
+        ("per-factor", "2l-spectral", 1e-1, 67.4791, 7.3861),
+        ("per-factor", "2l-residual", 1e-1, 67.0558, 7.83192),
+        ("per-factor", "2l-tselepidis", 1e-1, 67.0455, 7.61605),
+        ("per-factor", "2l-krylov-nicolaides", 1e-1, 66.4341, 7.57549),
+        ("per-factor", "2l-krylov-residual", 1e-1, 67.1001, 7.85859),
+    ];
+    let mut listing = String::new();
+    let mut ok = true;
+    assert_eq!(r.directions.len(), want.len());
+    for (d, w) in r.directions.iter().zip(&want) {
+        assert_eq!(
+            (d.damping_mode, label(d.method).as_str(), d.lambda),
+            (w.0, w.1, w.2)
+        );
+        listing.push_str(&format!(
+            "        (\"{}\", \"{}\", {:.0e}, {:.6}, {:.6}),\n",
+            w.0, w.1, w.2, d.angle, d.rel_error
+        ));
+        ok &= (d.angle - w.3).abs() <= 1e-3 * w.3 && (d.rel_error - w.4).abs() <= 1e-3 * w.4;
+    }
+    assert!(
+        ok,
+        "directions left their tolerance; new values:\n{listing}"
+    );
+    // Mean final training loss over the two seeds, per example and method.
+    let finals: [(&str, [f32; 7]); 2] = [
+        (
+            "autoencoder",
+            [
+                217.09106, 210.57563, 217.08838, 216.95471, 210.69406, 210.56644, 216.95152,
+            ],
+        ),
+        (
+            "convnet",
+            [
+                0.88973753, 0.9010409, 0.88973753, 0.89014581, 0.91889124, 0.90084327, 0.89000545,
+            ],
+        ),
+    ];
+    let mut listing = String::new();
+    let mut ok = true;
+    for (ex, want) in finals {
+        for (m, w) in METHODS.iter().zip(want) {
+            let v: Vec<f32> = r
+                .finals
+                .iter()
+                .filter(|f| f.example == ex && f.method == *m)
+                .map(|f| f.train_loss)
+                .collect();
+            assert_eq!(v.len(), 2, "{ex} {m}");
+            let mean = v.iter().sum::<f32>() / 2.0;
+            listing.push_str(&format!("  {ex} {m}: {mean}\n"));
+            ok &= close(mean, w, LOSS_RTOL);
+        }
+    }
+    assert!(
+        ok,
+        "final losses left their tolerance; new values:\n{listing}"
+    );
+    insta::assert_snapshot!(mask(&render(&cfg, &r, false)));
+}
