@@ -13,6 +13,8 @@ mod natural_gradient;
 mod shampoo;
 #[path = "../../book/snippets/tape.rs"]
 mod tape;
+#[path = "../../book/snippets/two_level.rs"]
+mod two_level;
 
 use kron_autodiff::{LayerCapture, Tensor};
 
@@ -425,4 +427,50 @@ fn shampoo_and_kradagrad_train_the_digits() {
         assert!(last < drop * first, "{name}: loss {first} -> {last}");
         assert!(run.accuracy > acc, "{name}: accuracy {}", run.accuracy);
     }
+}
+
+#[test]
+fn two_level_kfac_trains_the_digits_and_is_kfac_with_the_coarse_term_off() {
+    let (_, coarse) = two_level::configs();
+    let run = two_level::run_digits(200, coarse);
+    let (first, last) = (mean(&run.losses[..20]), mean(&run.losses[180..]));
+    assert!(last < 0.1 * first, "loss {first} -> {last}");
+    assert!(run.accuracy > 0.88, "accuracy {}", run.accuracy);
+    // Three layers, two vectors each.
+    assert_eq!(run.coarse_size, 6);
+    assert!(run.coarse_notes.is_empty(), "{:?}", run.coarse_notes);
+    // Off, the same losses as KFAC with the same configuration, to the bit.
+    let off = two_level::run_digits(30, kron::optim::CoarseConfig::OFF);
+    let (kfac, _) = two_level::configs();
+    let one = kfac_with(30, kfac);
+    assert_eq!(off.losses, one);
+}
+
+/// The mini-batch losses of `steps` steps of KFAC on the digits, as `two_level::run_digits`
+/// runs them.
+fn kfac_with(steps: usize, config: kron::optim::KfacConfig) -> Vec<f32> {
+    use kron::prelude::*;
+    let digits = kron::data::digits();
+    let seed = Rng::new(0);
+    let mut params = ParamStore::new();
+    let model = kron_examples::digits_mlp::mlp(&mut params, &mut seed.fork(1), 64, 10);
+    let mut opt = kron::optim::Kfac::new(&model, &params, config).unwrap();
+    let mut batches = kron::data::Batches::new(digits.train.len(), 32, seed.fork(2));
+    let mut rng = seed.fork(3);
+    let mut losses = vec![];
+    for idx in batches.by_ref().take(steps) {
+        let (x, y) = digits.train.batch(&idx);
+        let out = train_step(
+            &model,
+            LossKind::CrossEntropy,
+            &mut params,
+            &mut opt,
+            &x,
+            &Targets::Classes(y),
+            &mut rng,
+        )
+        .unwrap();
+        losses.push(out.loss);
+    }
+    losses
 }
