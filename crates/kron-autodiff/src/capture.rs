@@ -16,6 +16,12 @@ use crate::tensor::Tensor;
 /// `g` is scaled to per-example gradients: `g_i = B * dL/ds_i` for a batch-mean loss over `B`
 /// examples, so the per-example weight gradient is `g_i a_aug_i^T` (dense) or
 /// `sum_t g_it a_aug_it^T` (conv), and the batch gradient is their mean.
+///
+/// A layer applied more than once in one forward pass (a reused or weight-tied layer) has one
+/// capture holding every use: the uses are stacked as extra locations of each example (in the
+/// order of the forward pass, rows example-major), so the factors treat them as KFC treats
+/// locations and [`LayerCapture::weight_grad`] sums over them, which is the shared weight's
+/// gradient.
 #[derive(Clone, Debug)]
 pub struct LayerCapture {
     /// The layer the statistics belong to.
@@ -33,6 +39,49 @@ pub struct LayerCapture {
 }
 
 impl LayerCapture {
+    /// The captures of two uses of one layer in one pass (`self` the earlier) as one: each
+    /// example's rows of `self`, then its rows of `later`; `locations` adds up.
+    ///
+    /// # Panics
+    /// If the two uses saw different batch sizes, widths or bias settings (the layer's name in
+    /// the message).
+    #[track_caller]
+    pub fn stacked_with(self, later: LayerCapture) -> LayerCapture {
+        assert!(
+            self.layer == later.layer
+                && self.batch == later.batch
+                && self.a.dim(1) == later.a.dim(1)
+                && self.g.dim(1) == later.g.dim(1)
+                && self.has_bias == later.has_bias,
+            "a layer used twice in one pass ({:?}) must see the same batch size and widths in              every use: batch {} and {}, inputs {} and {}, outputs {} and {}",
+            self.layer,
+            self.batch,
+            later.batch,
+            self.a.dim(1),
+            later.a.dim(1),
+            self.g.dim(1),
+            later.g.dim(1),
+        );
+        let interleave = |x: &Tensor, tx: usize, y: &Tensor, ty: usize| -> Tensor {
+            let w = x.dim(1);
+            let mut out = Vec::with_capacity((x.dim(0) + y.dim(0)) * w);
+            for n in 0..self.batch {
+                out.extend_from_slice(&x.data()[n * tx * w..(n + 1) * tx * w]);
+                out.extend_from_slice(&y.data()[n * ty * w..(n + 1) * ty * w]);
+            }
+            Tensor::from_vec(out, &[self.batch * (tx + ty), w])
+        };
+        let (t1, t2) = (self.locations, later.locations);
+        LayerCapture {
+            layer: self.layer,
+            a: interleave(&self.a, t1, &later.a, t2),
+            g: interleave(&self.g, t1, &later.g, t2),
+            has_bias: self.has_bias,
+            batch: self.batch,
+            locations: t1 + t2,
+        }
+    }
+
     /// The size of the activation factor: input width, plus one with a bias.
     pub fn a_dim(&self) -> usize {
         self.a.dim(1) + usize::from(self.has_bias)

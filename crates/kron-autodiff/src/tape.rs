@@ -259,6 +259,11 @@ impl<'s> Tape<'s> {
                     };
                     if let Some(cap) = ops::backward(op, &node.value, &g, &mut sink, &self.capture)
                     {
+                        // The sweep meets a reused layer's later uses first.
+                        let cap = match captures.remove(&cap.layer) {
+                            Some(later) => cap.stacked_with(later),
+                            None => cap,
+                        };
                         captures.insert(cap.layer, cap);
                     }
                 }
@@ -337,5 +342,80 @@ mod tests {
             assert_eq!(f.g, a.g);
         }
         assert_eq!(full.wrt(xv), alone.wrt(xv));
+    }
+
+    /// A dense layer applied twice (weight tying): one capture with both uses, whose weight
+    /// gradient is the shared weight's and whose factors sum (A) and average (G) over the uses,
+    /// against the uses' own captures taken apart.
+    #[test]
+    fn a_reused_layer_captures_every_use() {
+        let mut rng = Rng::new(8);
+        let mut store = ParamStore::new();
+        let fc = store.add_layer("fc");
+        let w = store.add("fc.weight", Tensor::randn(&[3, 3], 0.0, 0.5, &mut rng));
+        let b = store.add("fc.bias", Tensor::randn(&[3], 0.0, 0.1, &mut rng));
+        let x = Tensor::randn(&[5, 3], 0.0, 1.0, &mut rng);
+        let y = [0, 1, 2, 0, 1];
+        let tape = Tape::new(&store).capturing([fc]);
+        let (wv, bv) = (tape.param(w), tape.param(b));
+        let h = tape.var(x.clone()).linear(wv, Some(bv), Some(fc)).tanh();
+        let out = h.linear(wv, Some(bv), Some(fc));
+        let grads = tape.backward(out.cross_entropy(&y));
+        let cap = grads.capture(fc).unwrap();
+        assert_eq!((cap.batch, cap.locations), (5, 2));
+        // The weight gradient of the capture is the parameters' gradient (both uses).
+        let gw = cap.weight_grad();
+        let (tw, tb) = (grads.get(w).unwrap(), grads.get(b).unwrap());
+        for o in 0..3 {
+            for i in 0..3 {
+                let (got, want) = (gw.data()[o * 4 + i], tw.data()[o * 3 + i]);
+                assert!((got - want).abs() < 1e-6, "W[{o},{i}] {got} vs {want}");
+            }
+            let (got, want) = (gw.data()[o * 4 + 3], tb.data()[o]);
+            assert!((got - want).abs() < 1e-6, "b[{o}] {got} vs {want}");
+        }
+        // Example-major rows: example n's first use (its input x_n), then its second.
+        let hv = h.value();
+        for n in 0..5 {
+            assert_eq!(
+                &cap.a.data()[(2 * n) * 3..(2 * n + 1) * 3],
+                &x.data()[n * 3..(n + 1) * 3]
+            );
+            assert_eq!(
+                &cap.a.data()[(2 * n + 1) * 3..(2 * n + 2) * 3],
+                &hv.data()[n * 3..(n + 1) * 3]
+            );
+        }
+        // Factors: A sums the uses' outer products over B, G averages over B * 2.
+        let (a, g) = (cap.a_factor(), cap.g_factor());
+        let mut bf_a = [0.0f64; 16];
+        let mut bf_g = [0.0f64; 9];
+        for r in 0..10 {
+            let mut v: Vec<f64> = cap.a.data()[r * 3..(r + 1) * 3]
+                .iter()
+                .map(|&t| t as f64)
+                .collect();
+            v.push(1.0);
+            let gr: Vec<f64> = cap.g.data()[r * 3..(r + 1) * 3]
+                .iter()
+                .map(|&t| t as f64)
+                .collect();
+            for i in 0..4 {
+                for j in 0..4 {
+                    bf_a[i * 4 + j] += v[i] * v[j] / 5.0;
+                }
+            }
+            for i in 0..3 {
+                for j in 0..3 {
+                    bf_g[i * 3 + j] += gr[i] * gr[j] / 10.0;
+                }
+            }
+        }
+        for (k, (&got, want)) in a.data().iter().zip(&bf_a).enumerate() {
+            assert!((got as f64 - want).abs() < 1e-5, "A[{k}] {got} vs {want}");
+        }
+        for (k, (&got, want)) in g.data().iter().zip(&bf_g).enumerate() {
+            assert!((got as f64 - want).abs() < 1e-5, "G[{k}] {got} vs {want}");
+        }
     }
 }
