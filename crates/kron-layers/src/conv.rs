@@ -136,11 +136,25 @@ impl Conv2d {
     /// Records this layer's convolution of `x`, followed in the same op by a ReLU if `relu`.
     fn record<'t>(&self, x: Var<'t>, relu: bool) -> Var<'t> {
         let BlockKind::Conv2d {
-            stride, padding, ..
+            stride,
+            padding,
+            in_ch,
+            ..
         } = self.block.kind
         else {
             unreachable!("a Conv2d layer always has a conv block")
         };
+        let shape = x.shape();
+        assert!(
+            shape.len() == 4 && shape[1] == in_ch,
+            "Conv2d `{}`: input of shape {shape:?} does not fit; expected batch x {in_ch} x height x width{}",
+            self.block.path,
+            if shape.len() == 2 {
+                " (flat rows: reshape them to images first)"
+            } else {
+                ""
+            }
+        );
         let tape = x.tape();
         let w = tape.param(self.block.weight);
         let b = self.block.bias.map(|b| tape.param(b));

@@ -109,6 +109,20 @@ impl Dense {
 impl Dense {
     /// The layer's op, with `act` fused into it where given.
     fn record<'t>(&self, x: Var<'t>, act: Option<Unary>) -> Var<'t> {
+        let BlockKind::Dense { inputs, .. } = self.block.kind else {
+            unreachable!("a Dense layer always has a dense block")
+        };
+        let shape = x.shape();
+        assert!(
+            shape.len() == 2 && shape[1] == inputs,
+            "Dense `{}`: input of shape {shape:?} does not fit; expected batch x {inputs}{}",
+            self.block.path,
+            if shape.len() > 2 {
+                " (images: add a Flatten before it)"
+            } else {
+                ""
+            }
+        );
         let tape = x.tape();
         let w = tape.param(self.block.weight);
         let b = self.block.bias.map(|b| tape.param(b));

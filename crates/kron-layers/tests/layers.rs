@@ -240,3 +240,35 @@ fn sequential_fuses_layers_and_activations_with_the_same_bits() {
         assert_eq!(bits(f), bits(p), "output {i} differs");
     }
 }
+
+/// Input of the wrong shape panics on the calling thread with the layer's name and the shape it
+/// expects (flat rows into a conv layer, images into a dense one).
+#[test]
+fn a_misshapen_input_names_the_layer_and_the_shape_it_expects() {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(0);
+    let conv = Conv2dConfig::new(1, 2, 3).build(&mut store, "stem", &mut rng);
+    let dense = Dense::new(&mut store, "head", 16, 3, &mut rng);
+    let message = |f: &dyn Fn()| -> String {
+        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_err();
+        e.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let m = message(&|| {
+        let tape = Tape::new(&store);
+        let _ = conv.forward(tape.input(Tensor::zeros(&[4, 16])));
+    });
+    assert!(
+        m.contains("Conv2d `stem`")
+            && m.contains("batch x 1 x height x width")
+            && m.contains("flat rows"),
+        "{m}"
+    );
+    let m = message(&|| {
+        let tape = Tape::new(&store);
+        let _ = dense.forward(tape.input(Tensor::zeros(&[4, 1, 4, 4])));
+    });
+    assert!(
+        m.contains("Dense `head`") && m.contains("batch x 16") && m.contains("Flatten"),
+        "{m}"
+    );
+}
