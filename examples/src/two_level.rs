@@ -63,6 +63,8 @@ pub struct TwoLevelConfig {
     pub csv: Option<PathBuf>,
     /// `--fast`: small sizes everywhere (the snapshot test's run).
     pub fast: bool,
+    /// `--parts`: which of `directions`, `training`, `cost` to run (default all three).
+    pub parts: Vec<String>,
 }
 
 impl Default for TwoLevelConfig {
@@ -76,9 +78,13 @@ impl Default for TwoLevelConfig {
             cost_steps: 5,
             csv: None,
             fast: false,
+            parts: PARTS.iter().map(|p| p.to_string()).collect(),
         }
     }
 }
+
+/// The parts of a run.
+pub const PARTS: [&str; 3] = ["directions", "training", "cost"];
 
 /// The usage text.
 pub const USAGE: &str = "\
@@ -92,6 +98,7 @@ usage: two_level [flags]
   --csv PATH      where the curves go (default out/two_level.csv; the direction check
                   and the costs beside it: PATH-directions.csv, PATH-cost.csv)
   --fast          small sizes everywhere
+  --parts LIST    which of directions,training,cost to run (default all)
   --help          this text";
 
 impl TwoLevelConfig {
@@ -115,10 +122,20 @@ impl TwoLevelConfig {
                 cost_steps: 1,
                 csv: None,
                 fast,
+                ..TwoLevelConfig::default()
             }
         } else {
             TwoLevelConfig::default()
         };
+        let parts = match f.get::<String>("parts")? {
+            None => d.parts.clone(),
+            Some(list) => list.split(',').map(|p| p.trim().to_string()).collect(),
+        };
+        if let Some(p) = parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
+            return Err(CliError(format!(
+                "--parts: {p:?} is not one of directions, training, cost"
+            )));
+        }
         let c = TwoLevelConfig {
             seeds: f.get("seeds")?.unwrap_or(d.seeds),
             depth: f.get("depth")?.unwrap_or(d.depth),
@@ -128,6 +145,7 @@ impl TwoLevelConfig {
             cost_steps: f.get("cost-steps")?.unwrap_or(d.cost_steps),
             csv: f.get::<String>("csv")?.map(PathBuf::from),
             fast,
+            parts,
         };
         f.finish()?;
         for (name, v) in [
@@ -508,11 +526,19 @@ pub struct TwoLevelRun {
 /// # Errors
 /// Missing data, or a run that stopped (named).
 pub fn run_all(cfg: &TwoLevelConfig) -> Result<TwoLevelRun, String> {
-    let directions = directions(cfg, 0)?;
+    let part = |p: &str| cfg.parts.iter().any(|q| q == p);
+    let directions = if part("directions") {
+        directions(cfg, 0)?
+    } else {
+        Vec::new()
+    };
     let mut curves = Vec::new();
-    let mut finals = train_example(&crate::autoencoder::EXAMPLE, cfg, &mut curves)?;
-    finals.extend(train_example(&crate::convnet::EXAMPLE, cfg, &mut curves)?);
-    let costs = if cfg.rounds > 0 {
+    let mut finals = Vec::new();
+    if part("training") {
+        finals = train_example(&crate::autoencoder::EXAMPLE, cfg, &mut curves)?;
+        finals.extend(train_example(&crate::convnet::EXAMPLE, cfg, &mut curves)?);
+    }
+    let costs = if cfg.rounds > 0 && part("cost") {
         costs(&crate::autoencoder::EXAMPLE, cfg)?
     } else {
         Vec::new()
@@ -529,35 +555,37 @@ pub fn run_all(cfg: &TwoLevelConfig) -> Result<TwoLevelRun, String> {
 pub fn render(cfg: &TwoLevelConfig, r: &TwoLevelRun, seconds: bool) -> String {
     let mut s = String::new();
     let n = cfg.depth * cfg.width * (cfg.width + 1);
-    let _ = writeln!(
-        s,
-        "direction check: deep linear net, {} layers of width {} ({n} parameters), batch {}, \
+    if !r.directions.is_empty() {
+        let _ = writeln!(
+            s,
+            "direction check: deep linear net, {} layers of width {} ({n} parameters), batch {}, \
          squared loss; angle (degrees) and relative error to (F + lambda I)^-1 grad",
-        cfg.depth, cfg.width, cfg.batch
-    );
-    let _ = write!(s, "{:<11} {:<20}", "damping", "method");
-    for l in LAMBDAS {
-        let _ = write!(s, " {:>19}", format!("lambda {l:.0e}"));
-    }
-    s.push('\n');
-    for mode in ["kron", "per-factor"] {
-        for m in METHODS {
-            let _ = write!(s, "{mode:<11} {:<20}", label(m));
-            for l in LAMBDAS {
-                let d = r
-                    .directions
-                    .iter()
-                    .find(|d| d.damping_mode == mode && d.method == m && d.lambda == l);
-                match d {
-                    Some(d) => {
-                        let _ = write!(s, " {:>8.3} {:>10.5}", d.angle, d.rel_error);
-                    }
-                    None => {
-                        let _ = write!(s, " {:>19}", "-");
+            cfg.depth, cfg.width, cfg.batch
+        );
+        let _ = write!(s, "{:<11} {:<20}", "damping", "method");
+        for l in LAMBDAS {
+            let _ = write!(s, " {:>19}", format!("lambda {l:.0e}"));
+        }
+        s.push('\n');
+        for mode in ["kron", "per-factor"] {
+            for m in METHODS {
+                let _ = write!(s, "{mode:<11} {:<20}", label(m));
+                for l in LAMBDAS {
+                    let d = r
+                        .directions
+                        .iter()
+                        .find(|d| d.damping_mode == mode && d.method == m && d.lambda == l);
+                    match d {
+                        Some(d) => {
+                            let _ = write!(s, " {:>8.3} {:>10.5}", d.angle, d.rel_error);
+                        }
+                        None => {
+                            let _ = write!(s, " {:>19}", "-");
+                        }
                     }
                 }
+                s.push('\n');
             }
-            s.push('\n');
         }
     }
     for ex in ["autoencoder", "convnet"] {

@@ -3,6 +3,8 @@
 
 #[path = "../../book/snippets/digits.rs"]
 mod digits;
+#[path = "../../book/snippets/gpu.rs"]
+mod gpu;
 #[path = "../../book/snippets/kfac.rs"]
 mod kfac;
 #[path = "../../book/snippets/kfc.rs"]
@@ -473,4 +475,13 @@ fn kfac_with(steps: usize, config: kron::optim::KfacConfig) -> Vec<f32> {
         losses.push(out.loss);
     }
     losses
+}
+
+#[test]
+fn kfac_runs_on_the_backend_the_machine_has() {
+    let run = gpu::run_digits(30);
+    // With the feature and an adapter (lavapipe in CI) the wgpu backend; otherwise the CPU.
+    assert!(!run.backend.is_empty());
+    let (first, last) = (mean(&run.losses[..5]), mean(&run.losses[25..]));
+    assert!(last < first, "{}: loss {first} -> {last}", run.backend);
 }

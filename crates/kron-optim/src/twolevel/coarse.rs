@@ -2,6 +2,7 @@
 //! one-level directions, as a [`Correction`] of the staged driver.
 
 use kron_autodiff::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::captured::{Rows, tselepidis_entry};
@@ -235,18 +236,18 @@ impl Coarse {
                 if !fresh {
                     return Ok(None);
                 }
-                (0..n)
+                let refreshed = (0..n)
                     .map(|i| {
-                        let r = input.refreshed[i]
-                            .ok_or_else(|| format!("block {i} has no refreshed factors"))?;
-                        let (u, v) = smallest_eigenvectors(
-                            input.backend,
-                            &r.value,
-                            self.config.power_iterations,
-                        );
-                        Ok((i, CoarseVector::Rank1 { u, v }.normalized()))
+                        input.refreshed[i]
+                            .map(|r| &r.value)
+                            .ok_or_else(|| format!("block {i} has no refreshed factors"))
                     })
-                    .collect::<Result<_, String>>()?
+                    .collect::<Result<Vec<_>, String>>()?;
+                smallest_eigenvectors(input.backend, &refreshed, self.config.power_iterations)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (u, v))| (i, CoarseVector::Rank1 { u, v }.normalized()))
+                    .collect()
             }
             CoarseSpace::Tselepidis => unreachable!("validated: no Krylov with Tselepidis"),
             CoarseSpace::Residual => {
@@ -446,64 +447,101 @@ pub(crate) fn fisher_product(rows: &[Rows<'_>], u: &[&Tensor]) -> Vec<Tensor> {
     rows.iter().map(|r| r.weighted_gradient(&w)).collect()
 }
 
-/// The eigenvectors `(q_G, q_A)` of the smallest eigenvalues of a block's factors: read off
+/// The eigenvectors `(q_G, q_A)` of the smallest eigenvalues of each block's factors: read off
 /// the eigenbasis (ascending, so its first column), or, from the damped inverses, the largest
-/// eigenvector of each by power iteration.
+/// eigenvector of each by power iteration (every factor of every block in parallel).
 fn smallest_eigenvectors(
     be: &dyn Backend,
-    r: &KfacRefreshed,
+    refreshed: &[&KfacRefreshed],
     iterations: usize,
-) -> (Vec<f32>, Vec<f32>) {
+) -> Vec<(Vec<f32>, Vec<f32>)> {
     let column0 = |q: &crate::backend::Mat| -> Vec<f32> {
         let t = be.download(q);
         let (rows, cols) = t.dims2();
         (0..rows).map(|i| t.data()[i * cols]).collect()
     };
-    match r {
-        KfacRefreshed::Eigen { qa, qg, .. } => (column0(qg), column0(qa)),
-        KfacRefreshed::Inverse { a_inv, g_inv } => (
-            top_eigenvector(&be.download(g_inv), iterations),
-            top_eigenvector(&be.download(a_inv), iterations),
-        ),
+    enum Source {
+        Column(Vec<f32>),
+        Power(Tensor),
     }
+    let sources: Vec<[Source; 2]> = refreshed
+        .iter()
+        .map(|r| match r {
+            KfacRefreshed::Eigen { qa, qg, .. } => {
+                [Source::Column(column0(qg)), Source::Column(column0(qa))]
+            }
+            KfacRefreshed::Inverse { a_inv, g_inv } => [
+                Source::Power(be.download(g_inv)),
+                Source::Power(be.download(a_inv)),
+            ],
+        })
+        .collect();
+    let mut flat: Vec<Source> = sources.into_iter().flatten().collect();
+    let vectors: Vec<Vec<f32>> = flat
+        .par_iter_mut()
+        .map(|s| match s {
+            Source::Column(c) => std::mem::take(c),
+            Source::Power(m) => top_eigenvector(m, iterations),
+        })
+        .collect();
+    vectors
+        .chunks(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect()
 }
 
 /// The eigenvector of the largest eigenvalue of a symmetric positive definite `m` by power
-/// iteration in `f64` from a fixed start (all ones plus a fixed pattern, so that it is not
-/// orthogonal to the answer by symmetry), stopping when the Rayleigh quotient settles to
-/// 1e-9 relative or after `iterations`.
+/// iteration (products in `f32`, norms and the Rayleigh quotient in `f64`) from a fixed start
+/// (all ones plus a fixed pattern, so that it is not orthogonal to the answer by symmetry),
+/// stopping when the Rayleigh quotient settles to 1e-9 relative or after `iterations`.
 pub(crate) fn top_eigenvector(m: &Tensor, iterations: usize) -> Vec<f32> {
     let (n, _) = m.dims2();
-    let d = m.data();
-    let mut x: Vec<f64> = (0..n)
-        .map(|i| 1.0 + ((i * 7919) % 13) as f64 / 13.0)
+    let norm = |x: &[f32]| x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+    let mut x: Vec<f32> = (0..n)
+        .map(|i| 1.0 + ((i * 7919) % 13) as f32 / 13.0)
         .collect();
-    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let nx = norm(&x);
+    let nx = norm(&x) as f32;
     x.iter_mut().for_each(|v| *v /= nx);
+    let mut y = vec![0.0f32; n];
     let mut last = f64::NAN;
     for _ in 0..iterations {
-        let y: Vec<f64> = (0..n)
-            .map(|i| {
-                d[i * n..(i + 1) * n]
-                    .iter()
-                    .zip(&x)
-                    .map(|(&a, &b)| a as f64 * b)
-                    .sum()
-            })
-            .collect();
-        let rq: f64 = y.iter().zip(&x).map(|(a, b)| a * b).sum();
+        matvec(m.data(), &x, &mut y);
+        let rq: f64 = y.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
         let ny = norm(&y);
         if !(ny > 0.0 && ny.is_finite()) {
             break;
         }
-        x = y.into_iter().map(|v| v / ny).collect();
+        for (xi, &yi) in x.iter_mut().zip(&y) {
+            *xi = (yi as f64 / ny) as f32;
+        }
         if (rq - last).abs() <= 1e-9 * rq.abs() {
             break;
         }
         last = rq;
     }
-    x.into_iter().map(|v| v as f32).collect()
+    x
+}
+
+/// `y = M x` for a square row-major `M`: each row's dot product in 16 lanes (which the compiler
+/// vectorizes), summed in a fixed order. A matrix-vector product through the GEMM would pack
+/// `M` on every call.
+fn matvec(m: &[f32], x: &[f32], y: &mut [f32]) {
+    let n = x.len();
+    for (yi, row) in y.iter_mut().zip(m.chunks_exact(n)) {
+        let mut acc = [0.0f32; 16];
+        let (body, tail) = row.split_at(n - n % 16);
+        let (xb, xt) = x.split_at(n - n % 16);
+        for (r, v) in body.chunks_exact(16).zip(xb.chunks_exact(16)) {
+            for k in 0..16 {
+                acc[k] += r[k] * v[k];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (r, v) in tail.iter().zip(xt) {
+            s += r * v;
+        }
+        *yi = s;
+    }
 }
 
 /// The Cholesky factor `L` (row-major, lower) of a symmetric `m`, or `None` when a pivot is
