@@ -95,8 +95,9 @@ usage: two_level [flags]
   --batch N       examples of the direction check's batch (default 64)
   --rounds N      interleaved rounds of the cost measurement (default 5; 0: none)
   --cost-steps N  steps per method and round (default 5)
-  --csv PATH      where the curves go (default out/two_level.csv; the direction check
-                  and the costs beside it: PATH-directions.csv, PATH-cost.csv)
+  --csv PATH      where the curves go (default out/two_level.csv; beside it the direction
+                  check, the costs, and each example's seed-mean curves for kron-plot:
+                  PATH-directions.csv, PATH-cost.csv, PATH-autoencoder.csv, PATH-convnet.csv)
   --fast          small sizes everywhere
   --parts LIST    which of directions,training,cost to run (default all)
   --help          this text";
@@ -663,14 +664,51 @@ pub fn render(cfg: &TwoLevelConfig, r: &TwoLevelRun, seconds: bool) -> String {
     s
 }
 
-/// The CSV paths: the curves, the directions, the costs.
-pub fn csv_paths(path: &Path) -> [PathBuf; 3] {
+/// The CSV paths: the curves, the directions, the costs, and the seed-mean curves of the
+/// autoencoder and of the conv net in the examples' format (which `kron-plot` draws).
+pub fn csv_paths(path: &Path) -> [PathBuf; 5] {
     let stem = path.with_extension("");
     let with = |suffix: &str| PathBuf::from(format!("{}{suffix}.csv", stem.display()));
-    [path.to_path_buf(), with("-directions"), with("-cost")]
+    [
+        path.to_path_buf(),
+        with("-directions"),
+        with("-cost"),
+        with("-autoencoder"),
+        with("-convnet"),
+    ]
 }
 
-fn write_csv(path: &Path, r: &TwoLevelRun) -> std::io::Result<[PathBuf; 3]> {
+/// One example's curves averaged over the seeds, point by point (the seeds evaluate at the
+/// same steps), in the examples' CSV format with the method as the optimizer.
+fn mean_curves(r: &TwoLevelRun, example: &str) -> String {
+    let mut s = String::from("optimizer,epoch,step,seconds,train_loss,test_loss,test_accuracy\n");
+    for m in METHODS {
+        let rows: Vec<&CurveRow> = r
+            .curves
+            .iter()
+            .filter(|c| c.0 == example && c.1 == m)
+            .collect();
+        let mut steps: Vec<u64> = rows.iter().map(|c| c.3).collect();
+        steps.sort_unstable();
+        steps.dedup();
+        for step in steps {
+            let at: Vec<&&CurveRow> = rows.iter().filter(|c| c.3 == step).collect();
+            let k = at.len() as f64;
+            let mean = |f: &dyn Fn(&CurveRow) -> f64| at.iter().map(|c| f(c)).sum::<f64>() / k;
+            let _ = writeln!(
+                s,
+                "{},0,{step},{:.4},{},{},",
+                label(m),
+                mean(&|c| c.4),
+                mean(&|c| c.5 as f64),
+                mean(&|c| c.6 as f64)
+            );
+        }
+    }
+    s
+}
+
+fn write_csv(path: &Path, r: &TwoLevelRun) -> std::io::Result<[PathBuf; 5]> {
     let paths = csv_paths(path);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -698,6 +736,8 @@ fn write_csv(path: &Path, r: &TwoLevelRun) -> std::io::Result<[PathBuf; 3]> {
         let _ = writeln!(k, "{},{},{}", label(x.method), x.off, x.on);
     }
     std::fs::write(&paths[2], k)?;
+    std::fs::write(&paths[3], mean_curves(r, "autoencoder"))?;
+    std::fs::write(&paths[4], mean_curves(r, "convnet"))?;
     Ok(paths)
 }
 
