@@ -56,7 +56,9 @@ pub struct StepReport {
     /// (not set when every refresh failed).
     pub refreshed: bool,
     /// What the step did besides the plain step: statistics skipped, refreshes failed or
-    /// recovered, fallbacks, clipping (typed; `Display` renders each as a log line).
+    /// recovered, fallbacks, coarse corrections skipped, clipping (typed; `Display` renders
+    /// each as a log line). Some are routine (KL clipping scales most KFAC steps):
+    /// [`StepReport::warnings`] leaves those out.
     pub notes: Vec<Note>,
     /// The momentum coefficient the step chose, for methods that choose it (KFAC's quadratic
     /// model); `lr` is then the step size it chose.
@@ -68,6 +70,15 @@ pub struct StepReport {
     pub refresh_ms: f64,
     /// Milliseconds spent preconditioning and updating parameters.
     pub update_ms: f64,
+}
+
+impl StepReport {
+    /// The notes that are signs of trouble (a skipped statistic, a failed refresh, a
+    /// fallback, a skipped coarse correction), without the routine ones
+    /// ([`Note::is_routine`]: KL clipping).
+    pub fn warnings(&self) -> impl Iterator<Item = &Note> + '_ {
+        self.notes.iter().filter(|n| !n.is_routine())
+    }
 }
 
 /// An optimizer's state as named tensors (moments, factors, inverses) and a JSON value (config,

@@ -306,6 +306,17 @@ fn non_finite_gradients_are_refused_and_non_finite_captures_skipped() {
         report.notes
     );
     assert_eq!(kfac.factors("0").unwrap().0, fa);
+    // A skipped statistic is a warning; KL clipping, routine, is not.
+    assert!(
+        report
+            .warnings()
+            .any(|n| matches!(n, Note::StatsSkipped { .. }))
+    );
+    assert!(
+        report
+            .warnings()
+            .all(|n| !matches!(n, Note::KlClipped { .. }))
+    );
     assert!(report.stats_updated, "the other block took its capture");
     assert!(net.store.iter().all(|(_, _, t)| t.all_finite()));
     // Every capture non-finite: no statistics updated, and the report does not claim any.
@@ -776,4 +787,26 @@ fn kfac_refuses_invalid_configurations_and_overflowing_updates() {
             }
         }
     }
+}
+
+/// KL clipping, which scales most KFAC steps, is a routine note; `warnings` leaves it out and
+/// keeps the signs of trouble.
+#[test]
+fn warnings_leave_out_routine_notes() {
+    let report = StepReport {
+        notes: vec![
+            Note::KlClipped { factor: 0.5 },
+            Note::StatsSkipped {
+                block: "fc".into(),
+                reason: StatsSkip::NonFiniteInput,
+            },
+            Note::CoarseSkipped {
+                reason: "no captures".into(),
+            },
+        ],
+        ..Default::default()
+    };
+    let w: Vec<&Note> = report.warnings().collect();
+    assert_eq!(w.len(), 2);
+    assert!(w.iter().all(|n| !matches!(n, Note::KlClipped { .. })));
 }
