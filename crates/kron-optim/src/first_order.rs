@@ -317,8 +317,10 @@ impl Optimizer for Sgd {
         }
         meta.config.validate()?;
         let velocity = self.velocity.import("sgd.velocity", &mut state)?;
+        // The configuration (every field of SGD's is a tunable) stays the one this optimizer
+        // was built with, so a resumed run can change it; the velocity and the step count come
+        // from the state.
         self.velocity = velocity;
-        self.config = meta.config;
         self.step = meta.step;
         Ok(())
     }
@@ -593,9 +595,11 @@ impl Optimizer for Adam {
         meta.config.validate()?;
         let m = self.m.import("adam.m", &mut state)?;
         let v = self.v.import("adam.v", &mut state)?;
+        // The configuration stays the one this optimizer was built with (decoupled weight
+        // decay, the one structural setting, is checked by the kind: adam or adamw); the
+        // moments and the step count come from the state.
         self.m = m;
         self.v = v;
-        self.config = meta.config;
         self.step = meta.step;
         Ok(())
     }

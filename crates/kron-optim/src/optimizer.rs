@@ -281,7 +281,12 @@ pub trait Optimizer: Send {
     fn state(&self) -> OptimState;
 
     /// Restores a state from [`Optimizer::state`], all or nothing: on error the optimizer is
-    /// unchanged.
+    /// unchanged. Every optimizer loads the same way: structural settings (a method, a
+    /// precision, the blocks, a coarse space) must match this optimizer's or the load is
+    /// refused naming the field; tunables (learning rate, momentum, damping without
+    /// adaptation, periods, clipping) stay as this optimizer was configured, so a resumed run
+    /// can change them; adapted state (moments, statistics, the Levenberg-Marquardt damping,
+    /// failure boosts, counters) comes from the state.
     fn load_state(&mut self, state: OptimState) -> Result<(), OptimError>;
 }
 

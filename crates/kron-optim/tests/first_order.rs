@@ -128,10 +128,28 @@ fn state_round_trip_and_mismatch() {
     a.step(&mut p, &grads([1.0, 2.0, 3.0, 4.0]), &Captures::new())
         .unwrap();
     let s = a.state();
+    let mut same = Adam::new(&p, AdamConfig::default()).unwrap();
+    same.load_state(s.clone()).unwrap();
+    assert_eq!(same.state(), s);
+    // The moments and the step count come from the state; the configuration (tunables) stays
+    // the one the optimizer was built with, so a resumed run can change its learning rate.
     let mut b = Adam::new(&p, AdamConfig::new(0.5)).unwrap();
     b.load_state(s.clone()).unwrap();
-    assert_eq!(b.state(), s);
+    assert_eq!(b.state().tensors, s.tensors);
     assert_eq!(b.steps_taken(), 1);
+    assert_eq!(b.learning_rate(), 0.5);
+    let mut sg = Sgd::new(&p, SgdConfig::new(0.1).with_momentum(0.9)).unwrap();
+    sg.step(
+        &mut p.clone(),
+        &grads([1.0, 2.0, 3.0, 4.0]),
+        &Captures::new(),
+    )
+    .unwrap();
+    let ss = sg.state();
+    let mut sg2 = Sgd::new(&p, SgdConfig::new(0.2).with_momentum(0.5)).unwrap();
+    sg2.load_state(ss.clone()).unwrap();
+    assert_eq!(sg2.state().tensors, ss.tensors);
+    assert_eq!((sg2.learning_rate(), sg2.config().momentum), (0.2, 0.5));
 
     // A model whose "w" is longer refuses the state, naming the tensor; nothing changes.
     let mut q = ParamStore::new();
