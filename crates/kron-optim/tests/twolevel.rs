@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Net, add_diag, convnet, kron, mat64, mlp, solve, trace};
+use common::{Net, add_diag, convnet, joined, kron, mat64, mlp, solve, trace};
 use kron_autodiff::{Gradients, ParamStore, Rng, Tape, Tensor};
 use kron_layers::{Activation, Dense, FisherBlock, Module, Sequential};
 use kron_optim::{
@@ -51,17 +51,6 @@ fn backward(net: &Net, opt: &dyn Optimizer, x: &Tensor, y: &[usize]) -> (Gradien
     let mut g = tape.backward(l);
     let c = g.take_captures();
     (g, c)
-}
-
-/// A gradient (or parameter change) in the blocks' `W_aug` layouts, concatenated, in `f64`.
-fn joined(blocks: &[FisherBlock], get: impl Fn(kron_autodiff::ParamId) -> Tensor) -> Vec<f64> {
-    let mut out = Vec::new();
-    for b in blocks {
-        let w = get(b.weight);
-        let bias = b.bias.map(&get);
-        out.extend(b.join(&w, bias.as_ref()).data().iter().map(|&v| v as f64));
-    }
-    out
 }
 
 /// The per-example gradients (each from a backward of its own), joined.

@@ -6,8 +6,11 @@
 //! `EigenDamping::PerFactor`, and must give the same damped coarse matrix and the same
 //! corrected direction to `f32` accuracy.
 
+mod common;
+
+use common::joined;
 use kron_autodiff::{ParamStore, Rng, Tape, Tensor};
-use kron_layers::{Activation, Conv2dConfig, Dense, FisherBlock, Flatten, Module, Sequential};
+use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
 use kron_optim::{
     CoarseConfig, EigenDamping, FisherKind, InverseMethod, KfacConfig, Optimizer, Precision,
     Schedule, TwoLevelKfac,
@@ -58,16 +61,6 @@ fn net(name: &str) -> (ParamStore, Sequential, Tensor) {
 /// The reference's inputs, `sin(0.37 k^2 + 1)`.
 fn input(k: usize) -> f32 {
     (0.37 * (k * k) as f64 + 1.0).sin() as f32
-}
-
-fn joined(blocks: &[FisherBlock], get: impl Fn(kron_autodiff::ParamId) -> Tensor) -> Vec<f64> {
-    let mut out = Vec::new();
-    for b in blocks {
-        let w = get(b.weight);
-        let bias = b.bias.map(&get);
-        out.extend(b.join(&w, bias.as_ref()).data().iter().map(|&v| v as f64));
-    }
-    out
 }
 
 fn flat(v: &serde_json::Value) -> Vec<f64> {

@@ -88,9 +88,7 @@ impl Kfac {
 
     /// The current running averages `(A, G)` of a block, by layer path, as host tensors.
     pub fn factors(&self, path: &str) -> Option<(Tensor, Tensor)> {
-        let (a, g) = self.driver.block(path)?.factors()?;
-        let be = self.driver.backend();
-        Some((be.download(a), be.download(g)))
+        host_factors(&self.driver, path)
     }
 
     /// The preconditioned gradient `U` (in the `W_aug` layout) that the current preconditioner
@@ -108,6 +106,13 @@ impl Kfac {
             .map(|b| (b.layout().path.clone(), b.refresh_cost()))
             .collect()
     }
+}
+
+/// A block's running averages `(A, G)`, by layer path, downloaded to host tensors.
+pub(crate) fn host_factors(driver: &Driver<KfacBlock>, path: &str) -> Option<(Tensor, Tensor)> {
+    let (a, g) = driver.block(path)?.factors()?;
+    let be = driver.backend();
+    Some((be.download(a), be.download(g)))
 }
 
 /// The staged driver of KFAC's blocks, named `kind`, after checking `config` and that the

@@ -310,7 +310,8 @@ impl Coarse {
         m
     }
 
-    fn export(&self, state: &mut OptimState) -> serde_json::Value {
+    /// Saves the state into `state` under `coarse.*`, returning its metadata.
+    pub fn save(&self, state: &mut OptimState) -> serde_json::Value {
         let put64 = |state: &mut OptimState, name: &str, data: &[f64], n: usize| {
             state.tensors64.insert(
                 format!("coarse.{name}"),
@@ -349,8 +350,8 @@ impl Coarse {
         .expect("the coarse metadata serializes")
     }
 
-    /// The state saved by [`Coarse::export`], checked against the blocks' shapes.
-    fn import(
+    /// The state saved by [`Coarse::save`], checked against the blocks' shapes.
+    pub fn load(
         &self,
         meta: &serde_json::Value,
         state: &mut OptimState,
@@ -484,10 +485,8 @@ fn smallest_eigenvectors(
             Source::Power(m) => top_eigenvector(m, iterations),
         })
         .collect();
-    vectors
-        .chunks(2)
-        .map(|p| (p[0].clone(), p[1].clone()))
-        .collect()
+    let mut it = vectors.into_iter();
+    std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
 }
 
 /// The eigenvector of the largest eigenvalue of a symmetric positive definite `m` by power
@@ -613,21 +612,6 @@ impl Coarse {
                 }
             ),
         })
-    }
-
-    /// Saves the state into `state` under `coarse.*`, returning its metadata.
-    pub fn save(&self, state: &mut OptimState) -> serde_json::Value {
-        self.export(state)
-    }
-
-    /// The state saved by [`Coarse::save`].
-    pub fn load(
-        &self,
-        meta: &serde_json::Value,
-        state: &mut OptimState,
-        blocks: &[KfacBlock],
-    ) -> Result<Coarse, OptimError> {
-        self.import(meta, state, blocks)
     }
 }
 

@@ -34,7 +34,7 @@ pub use config::{CoarseConfig, CoarseSpace};
 use crate::backend::{Backend, CpuBackend};
 use crate::curvature::{CurvatureBlock, CurvatureProducts, Driver};
 use crate::error::OptimError;
-use crate::kfac::{KfacBlock, KfacConfig, build_driver, structure};
+use crate::kfac::{KfacBlock, KfacConfig, build_driver, host_factors, structure};
 use crate::optimizer::{Captures, OptimState, Optimizer, StepReport, Wants};
 use coarse::Coarse;
 
@@ -108,9 +108,7 @@ impl TwoLevelKfac {
 
     /// The current running averages `(A, G)` of a block, by layer path, as host tensors.
     pub fn factors(&self, path: &str) -> Option<(Tensor, Tensor)> {
-        let (a, g) = self.driver.block(path)?.factors()?;
-        let be = self.driver.backend();
-        Some((be.download(a), be.download(g)))
+        host_factors(&self.driver, path)
     }
 
     /// The one-level direction `M_i^-1 v` of a block (in the `W_aug` layout), or `None`

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use kron_autodiff::{ParamStore, Rng, Tensor};
-use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Sequential};
+use kron_layers::{Activation, Conv2dConfig, Dense, FisherBlock, Flatten, Sequential};
 
 /// Solves `m x = b` (dense, f64) by Gaussian elimination with partial pivoting.
 pub fn solve(mut m: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
@@ -92,4 +92,15 @@ pub fn convnet(seed: u64) -> Net {
         .push(Flatten)
         .push(Dense::new(&mut store, "fc", 3 * 3 * 3, 2, &mut rng));
     Net { store, model }
+}
+
+/// A gradient (or parameter change) in the blocks' `W_aug` layouts, concatenated, in `f64`.
+pub fn joined(blocks: &[FisherBlock], get: impl Fn(kron_autodiff::ParamId) -> Tensor) -> Vec<f64> {
+    let mut out = Vec::new();
+    for b in blocks {
+        let w = get(b.weight);
+        let bias = b.bias.map(&get);
+        out.extend(b.join(&w, bias.as_ref()).data().iter().map(|&v| v as f64));
+    }
+    out
 }
