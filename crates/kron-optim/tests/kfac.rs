@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor};
 mod common;
 
-use common::{Net, add_diag, convnet, kron, mat64, mlp, solve, trace};
+use common::{Net, add_diag, convnet, forgetful, kron, mat64, mlp, solve, trace};
 use kron_layers::{Dense, Module, Sequential};
 use kron_optim::backend::{Eigh, Inverse, LinalgError, Mat};
 use kron_optim::curvature::{Kept, StatsSkip};
@@ -809,4 +809,71 @@ fn warnings_leave_out_routine_notes() {
     let w: Vec<&Note> = report.warnings().collect();
     assert_eq!(w.len(), 2);
     assert!(w.iter().all(|n| !matches!(n, Note::KlClipped { .. })));
+}
+
+/// The `OutsideBlocks` notes of a report.
+fn outside_notes(r: &StepReport) -> Vec<&Note> {
+    r.notes
+        .iter()
+        .filter(|n| matches!(n, Note::OutsideBlocks { .. }))
+        .collect()
+}
+
+#[test]
+fn parameters_outside_every_block_are_reported_or_refused() {
+    let (mut store, model) = forgetful(3);
+    let x = Tensor::randn(&[5, 3], 0.0, 1.0, &mut Rng::new(4));
+    let y = [0, 1, 1, 0, 1];
+    let mut kfac = Kfac::new(&model, &store, KfacConfig::default()).unwrap();
+    assert_eq!(kfac.outside_blocks(), ["second.weight", "second.bias"]);
+    for step in 0..3 {
+        let tape = Tape::new(&store).capturing(kfac.wants().capture);
+        let l = model.forward(tape.input(x.clone())).cross_entropy(&y);
+        let mut g = tape.backward(l);
+        let c = g.take_captures();
+        let r = kfac.step(&mut store, &g, &c).unwrap();
+        let expected = Note::OutsideBlocks {
+            params: vec!["second.weight".into(), "second.bias".into()],
+        };
+        if step == 0 {
+            // A warning, not a routine note, on the first step only.
+            assert_eq!(outside_notes(&r), [&expected]);
+            assert!(r.warnings().any(|n| *n == expected));
+            assert!(expected.to_string().contains("second.weight, second.bias"));
+        } else {
+            assert!(outside_notes(&r).is_empty(), "step {step}: {:?}", r.notes);
+        }
+    }
+
+    // Strict: the constructor refuses the model, naming the parameters.
+    match Kfac::new(
+        &model,
+        &store,
+        KfacConfig::default().with_strict_blocks(true),
+    ) {
+        Err(OptimError::Config { field, detail }) => {
+            assert_eq!(field, "step.strict_blocks");
+            assert!(
+                detail.contains("second.weight") && detail.contains("second.bias"),
+                "{detail}"
+            );
+            assert!(!detail.contains("first."), "{detail}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("strict blocks accepted parameters outside every block"),
+    }
+
+    // A model whose every parameter lies in a block: strict accepts it, and no note.
+    let mut net = mlp(1);
+    let mut kfac = Kfac::new(
+        &net.model,
+        &net.store,
+        KfacConfig::default().with_strict_blocks(true),
+    )
+    .unwrap();
+    assert!(kfac.outside_blocks().is_empty());
+    let (g, c) = backward(&net, &kfac, &x, &y);
+    let r = kfac.step(&mut net.store, &g, &c).unwrap();
+    assert!(outside_notes(&r).is_empty());
+    assert!(!KfacConfig::default().step.strict_blocks);
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Net, add_diag, convnet, joined, kron, mat64, mlp, solve, trace};
+use common::{Net, add_diag, convnet, forgetful, joined, kron, mat64, mlp, solve, trace};
 use kron_autodiff::{Gradients, ParamStore, Rng, Tape, Tensor};
 use kron_layers::{Activation, Dense, FisherBlock, Module, Sequential};
 use kron_optim::{
@@ -746,5 +746,44 @@ fn invalid_coarse_settings_are_refused_by_name() {
         "krylov-residual",
     ] {
         assert_eq!(CoarseConfig::parse(name).unwrap().name(), name);
+    }
+}
+
+#[test]
+fn parameters_outside_every_block_are_reported_or_refused() {
+    let (mut store, model) = forgetful(3);
+    let coarse = CoarseConfig::new(CoarseSpace::Nicolaides);
+    let mut opt = TwoLevelKfac::new(&model, &store, KfacConfig::default(), coarse).unwrap();
+    assert_eq!(opt.outside_blocks(), ["second.weight", "second.bias"]);
+    let x = Tensor::randn(&[5, 3], 0.0, 1.0, &mut Rng::new(4));
+    let y = [0, 1, 1, 0, 1];
+    for step in 0..2 {
+        let tape = Tape::new(&store).capturing(opt.wants().capture);
+        let l = model.forward(tape.input(x.clone())).cross_entropy(&y);
+        let mut g = tape.backward(l);
+        let c = g.take_captures();
+        let r = opt.step(&mut store, &g, &c).unwrap();
+        let outside: Vec<&Note> = r
+            .notes
+            .iter()
+            .filter(|n| matches!(n, Note::OutsideBlocks { .. }))
+            .collect();
+        let expected = Note::OutsideBlocks {
+            params: vec!["second.weight".into(), "second.bias".into()],
+        };
+        assert_eq!(outside, if step == 0 { vec![&expected] } else { vec![] });
+    }
+    match TwoLevelKfac::new(
+        &model,
+        &store,
+        KfacConfig::default().with_strict_blocks(true),
+        coarse,
+    ) {
+        Err(OptimError::Config { field, detail }) => {
+            assert_eq!(field, "step.strict_blocks");
+            assert!(detail.contains("second.weight, second.bias"), "{detail}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("strict blocks accepted parameters outside every block"),
     }
 }

@@ -221,6 +221,13 @@ pub struct StepConfig {
     pub curvature_examples: Option<usize>,
     /// The rule for parameters outside blocks (default SGD).
     pub fallback: Fallback,
+    /// Whether a model with parameters outside every block is refused (default `false`:
+    /// they take the [`fallback`](Self::fallback) rule, and the first step's report says so in
+    /// a [`Note::OutsideBlocks`](super::Note::OutsideBlocks)). With `true` the optimizer's
+    /// constructor returns [`OptimError::Config`](crate::OptimError::Config) naming them: a
+    /// layer left out of a model's `visit_blocks` is then an error, not a silent SGD step.
+    #[serde(default)]
+    pub strict_blocks: bool,
 }
 
 impl StepConfig {
@@ -237,6 +244,7 @@ impl StepConfig {
         rule: StepRule::Sgd,
         curvature_examples: None,
         fallback: Fallback::Sgd,
+        strict_blocks: false,
     };
 }
 
@@ -271,6 +279,8 @@ builders!(StepConfig {
     with_curvature_examples: curvature_examples: Option<usize>,
     /// With a fallback rule.
     with_fallback: fallback: Fallback,
+    /// With parameters outside every block refused (`true`) or trained by the fallback rule.
+    with_strict_blocks: strict_blocks: bool,
 });
 
 /// The shared configuration the staged [`Driver`](super::Driver) runs on: every method's

@@ -99,6 +99,11 @@ pub struct Driver<B: CurvatureBlock> {
     velocity: Slots,
     slot_of: BTreeMap<ParamId, usize>,
     outside: Vec<ParamId>,
+    /// The names of the parameters outside every block, in the store's order.
+    outside_names: Vec<String>,
+    /// Whether a step of this driver has returned its report (the first one carries
+    /// [`Note::OutsideBlocks`]).
+    reported_outside: bool,
     adam: Option<Adam>,
     step: u64,
     damping: f32,
@@ -133,8 +138,13 @@ impl<B: CurvatureBlock> Driver<B> {
     /// with the matrix math on `backend`. `structure` holds the method's structural settings
     /// (a JSON object: its mode, precision, anything a saved state must agree with to load).
     ///
+    /// Parameters of `params` in no block take the fallback rule, and the first step's report
+    /// lists them ([`Note::OutsideBlocks`]).
+    ///
     /// # Errors
-    /// [`OptimError::Config`] if `config` fails [`CoreConfig::validate`].
+    /// [`OptimError::Config`] if `config` fails [`CoreConfig::validate`], or (field
+    /// `step.strict_blocks`, naming them) if it asks for strict blocks and some parameters lie
+    /// outside every block.
     pub fn new(
         kind: &'static str,
         blocks: Vec<B>,
@@ -150,11 +160,26 @@ impl<B: CurvatureBlock> Driver<B> {
             .iter()
             .flat_map(|b| std::iter::once(b.layout().weight).chain(b.layout().bias))
             .collect();
-        let outside = ids
+        let outside: Vec<ParamId> = ids
             .iter()
             .copied()
             .filter(|i| !in_blocks.contains(i))
             .collect();
+        let outside_names: Vec<String> = outside
+            .iter()
+            .map(|&i| params.name(i).to_string())
+            .collect();
+        if config.step.strict_blocks && !outside_names.is_empty() {
+            return Err(OptimError::Config {
+                field: "step.strict_blocks".into(),
+                detail: format!(
+                    "is on, but {kind} finds parameters {} in no Fisher block (a layer left \
+                     out of the model's visit_blocks?); with it off, the fallback rule trains \
+                     them",
+                    outside_names.join(", ")
+                ),
+            });
+        }
         let adam = match config.step.fallback {
             Fallback::Adam(c) => Some(Adam::new(params, c)?),
             Fallback::Sgd => None,
@@ -170,6 +195,8 @@ impl<B: CurvatureBlock> Driver<B> {
             velocity: Slots::zeros(params, &ids),
             slot_of,
             outside,
+            outside_names,
+            reported_outside: false,
             adam,
             step: 0,
             predicted: None,
@@ -194,6 +221,12 @@ impl<B: CurvatureBlock> Driver<B> {
         }
         self.config = config;
         Ok(())
+    }
+
+    /// The names of the parameters that lie in no block (the fallback rule trains them), in
+    /// the store's order.
+    pub fn outside_blocks(&self) -> &[String] {
+        &self.outside_names
     }
 
     /// The blocks.
@@ -251,10 +284,37 @@ impl<B: CurvatureBlock> Driver<B> {
     /// One step, with exact curvature products when the step rule uses them and an optional
     /// correction over all blocks.
     ///
+    /// The first report this driver returns lists the parameters outside every block
+    /// ([`Note::OutsideBlocks`]), if any.
+    ///
     /// # Errors
     /// A non-finite gradient, a learning rate the schedule makes invalid, or an update that
     /// would overflow a parameter: nothing changes.
     pub fn step_with(
+        &mut self,
+        params: &mut ParamStore,
+        grads: &Gradients,
+        curvature: &Captures,
+        products: Option<&dyn CurvatureProducts>,
+        correction: Option<&mut dyn Correction<B>>,
+    ) -> Result<StepReport, OptimError> {
+        let mut report = self.staged_step(params, grads, curvature, products, correction)?;
+        if !self.reported_outside {
+            self.reported_outside = true;
+            if !self.outside_names.is_empty() {
+                report.notes.insert(
+                    0,
+                    Note::OutsideBlocks {
+                        params: self.outside_names.clone(),
+                    },
+                );
+            }
+        }
+        Ok(report)
+    }
+
+    /// The stages of [`step_with`](Self::step_with).
+    fn staged_step(
         &mut self,
         params: &mut ParamStore,
         grads: &Gradients,

@@ -124,6 +124,14 @@ pub enum Note {
         /// What failed and what the step used instead.
         reason: String,
     },
+    /// Parameters that lie in no Fisher block, so the fallback rule (first-order) trains
+    /// them, not the curvature: reported in the first step's report. Often a layer the model
+    /// left out of its `visit_blocks`; [`StepConfig::strict_blocks`](super::StepConfig) makes
+    /// it an error.
+    OutsideBlocks {
+        /// The parameters' names, in the store's order.
+        params: Vec<String>,
+    },
     /// A method's own note, already rendered.
     Method(String),
 }
@@ -205,6 +213,12 @@ impl fmt::Display for Note {
             ),
             Note::CoarseSkipped { reason } => write!(f, "coarse correction skipped: {reason}"),
             Note::CoarseFailed { reason } => write!(f, "coarse correction failed: {reason}"),
+            Note::OutsideBlocks { params } => write!(
+                f,
+                "{} parameter(s) outside every Fisher block, trained by the fallback rule: {}",
+                params.len(),
+                params.join(", ")
+            ),
             Note::Method(s) => f.write_str(s),
         }
     }

@@ -146,6 +146,8 @@ with! {
     with_precision: refresh.precision => Precision,
     /// With a fallback rule.
     with_fallback: step.fallback => Fallback,
+    /// With parameters outside every Fisher block refused by the constructor (or not).
+    with_strict_blocks: step.strict_blocks => bool,
 }
 
 impl KfacConfig {

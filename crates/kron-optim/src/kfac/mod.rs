@@ -81,6 +81,14 @@ impl Kfac {
         self.driver.backend().name()
     }
 
+    /// The names of the parameters that lie in no Fisher block: the fallback rule (SGD by
+    /// default) trains them, not the curvature. The first step's report lists them too
+    /// ([`Note::OutsideBlocks`](crate::Note::OutsideBlocks)); `with_strict_blocks(true)`
+    /// refuses such a model.
+    pub fn outside_blocks(&self) -> &[String] {
+        self.driver.outside_blocks()
+    }
+
     /// The staged driver underneath (its blocks, backend and shared configuration).
     pub fn driver(&self) -> &Driver<KfacBlock> {
         &self.driver

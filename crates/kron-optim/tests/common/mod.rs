@@ -104,3 +104,32 @@ pub fn joined(blocks: &[FisherBlock], get: impl Fn(kron_autodiff::ParamId) -> Te
     }
     out
 }
+
+/// A two-layer net whose `visit_blocks` leaves its second layer out (a slip a hand-written
+/// `Module` can make): its parameters lie outside every Fisher block.
+pub struct Forgetful {
+    pub first: Dense,
+    pub second: Dense,
+}
+
+impl kron_layers::Module for Forgetful {
+    fn forward<'t>(&self, x: kron_autodiff::Var<'t>) -> kron_autodiff::Var<'t> {
+        self.second.forward(self.first.forward(x).tanh())
+    }
+    fn visit_params(&self, f: &mut dyn FnMut(kron_autodiff::ParamId)) {
+        self.first.visit_params(f);
+        self.second.visit_params(f);
+    }
+    fn visit_blocks(&self, f: &mut dyn FnMut(&FisherBlock)) {
+        self.first.visit_blocks(f);
+    }
+}
+
+/// [`Forgetful`] 3 -> 4 -> 2, layers named `first` and `second`.
+pub fn forgetful(seed: u64) -> (ParamStore, Forgetful) {
+    let mut store = ParamStore::new();
+    let mut rng = Rng::new(seed);
+    let first = Dense::new(&mut store, "first", 3, 4, &mut rng);
+    let second = Dense::new(&mut store, "second", 4, 2, &mut rng);
+    (store, Forgetful { first, second })
+}
