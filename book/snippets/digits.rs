@@ -145,7 +145,7 @@ pub fn checkpoint_and_resume(path: &Path) -> Result<Resumed, Box<dyn Error>> {
     let state = TrainState {
         step: 40,
         rng: rng.clone(),
-        data: serde_json::to_value(batches.state())?,
+        data: Some(batches.state()),
     };
     save_checkpoint(path, &params, &opt, &state)?;
     // ANCHOR_END: save
@@ -167,7 +167,10 @@ pub fn checkpoint_and_resume(path: &Path) -> Result<Resumed, Box<dyn Error>> {
     let model2 = mlp(&mut params2, &mut Rng::new(12345), 64, 10);
     let mut opt2 = Kfac::new(&model2, &params2, kfac_config())?;
     let loaded = load_checkpoint(path, &mut params2, &mut opt2)?;
-    let saved = serde_json::from_value(loaded.data.clone())?;
+    let saved = loaded
+        .data
+        .clone()
+        .ok_or("the checkpoint holds no batch position")?;
     let mut batches2 = Batches::resume(saved, digits.train.len())?;
     let mut rng2 = loaded.rng.clone();
     train(

@@ -258,7 +258,7 @@ fn mutated_files_never_panic_overallocate_or_change_the_model() {
         let st = TrainState {
             step: 3,
             rng: r.clone(),
-            data: serde_json::json!({"cursor": 3}),
+            data: Some(kron::data::Batches::new(8, 4, Rng::new(3)).state()),
         };
         save_checkpoint(&f, &p, &opt, &st).unwrap();
         saved.push(std::fs::read(&f).unwrap());

@@ -71,7 +71,11 @@ impl Conv2dConfig {
     }
 
     /// Creates the layer's parameters in `store` under `path` (`path.weight`, `path.bias`).
+    /// An empty `path` names the layer by its position: the number of layers created in
+    /// `store` before it (`"0"`, `"1"`, ..., as PyTorch's `Sequential` numbers its children;
+    /// the next free number if a layer already has that name).
     pub fn build(self, store: &mut ParamStore, path: &str, rng: &mut Rng) -> Conv2d {
+        let path = &crate::module::layer_path(store, path);
         let (kh, kw) = self.kernel;
         let area = kh * kw;
         let w = self.init.tensor(

@@ -43,7 +43,11 @@ impl DenseConfig {
     }
 
     /// Creates the layer's parameters in `store` under `path` (`path.weight`, `path.bias`).
+    /// An empty `path` names the layer by its position: the number of layers created in
+    /// `store` before it (`"0"`, `"1"`, ..., as PyTorch's `Sequential` numbers its children;
+    /// the next free number if a layer already has that name).
     pub fn build(self, store: &mut ParamStore, path: &str, rng: &mut Rng) -> Dense {
+        let path = &crate::module::layer_path(store, path);
         let w = self
             .init
             .tensor(&[self.outputs, self.inputs], self.inputs, self.outputs, rng);
@@ -74,7 +78,9 @@ pub struct Dense {
 }
 
 impl Dense {
-    /// A layer with a bias and Glorot-uniform weights (see [`DenseConfig`] for other choices).
+    /// A layer with a bias and Glorot-uniform weights (see [`DenseConfig`] for other choices),
+    /// its parameters `path.weight` and `path.bias` in `store`. An empty `path` names it by
+    /// its position ([`DenseConfig::build`]: `"0"` for the store's first layer).
     pub fn new(
         store: &mut ParamStore,
         path: &str,

@@ -10,10 +10,14 @@
 //! Parameters live in a [`ParamStore`](kron_autodiff::ParamStore) beside the model; layers hold
 //! ids into it, created with seeded initializers ([`Init`]). Weights save to and load from
 //! safetensors files with [`save`] and [`load`].
+//!
+//! A model of your own is a struct of modules with a forward pass: [`module!`] writes the
+//! struct and its `impl Module` from the fields and the forward you give it.
 
 mod conv;
 mod dense;
 mod init;
+mod macros;
 mod module;
 mod sequential;
 mod stateless;
@@ -26,3 +30,10 @@ pub use sequential::Sequential;
 pub use stateless::{Activation, AvgPool2d, Dropout, Flatten, MaxPool2d};
 
 pub use kron_autodiff::io::{TensorFileError, load_params as load, save_params as save};
+
+/// What [`module!`]'s expansion names, reachable through `$crate` from a crate that depends on
+/// `kron` alone. Not an API.
+#[doc(hidden)]
+pub mod __macro {
+    pub use kron_autodiff::ParamId;
+}

@@ -140,6 +140,20 @@ impl FisherBlock {
     }
 }
 
+/// `path`, or where it is empty, the layer's position in `store`: the number of layers
+/// registered before it, or the next number no parameter of `store` is named under.
+pub(crate) fn layer_path(store: &ParamStore, path: &str) -> String {
+    if !path.is_empty() {
+        return path.to_string();
+    }
+    let mut n = store.num_layers();
+    while store.find(&format!("{n}.weight")).is_some() || store.find(&format!("{n}.bias")).is_some()
+    {
+        n += 1;
+    }
+    n.to_string()
+}
+
 /// A piece of a model: a forward pass on the tape, its parameters, and its Fisher blocks.
 ///
 /// Layers are plain structs that hold [`ParamId`]s into the [`ParamStore`] kept beside the

@@ -4,8 +4,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use kron_autodiff::io::{TensorFileError, load_params_from, read_tensors, write_tensors_mixed};
+use kron_autodiff::io::{
+    TensorFileError, load_params_from, read_tensors, save_params, write_tensors_mixed,
+};
 use kron_autodiff::{ParamStore, Rng, Tensor};
+use kron_data::BatchState;
 use kron_optim::{OptimError, OptimState, Optimizer, Tensor64};
 use serde::{Deserialize, Serialize};
 
@@ -22,8 +25,11 @@ pub struct TrainState {
     pub step: u64,
     /// The training loop's generator.
     pub rng: Rng,
-    /// The batch iterator's position (any serializable value; `null` if none).
-    pub data: serde_json::Value,
+    /// The batch iterator's position ([`Batches::state`](kron_data::Batches::state)), if the
+    /// loop draws its batches from one: resume it with
+    /// [`Batches::resume`](kron_data::Batches::resume). `None` for a loop that keeps its
+    /// position some other way.
+    pub data: Option<BatchState>,
 }
 
 /// Why a checkpoint could not be written or read.
@@ -185,4 +191,34 @@ pub fn load_checkpoint(
         })?;
     *params = staged;
     Ok(train)
+}
+
+/// Saves the model's parameters alone (no optimizer, no training state) to a safetensors file,
+/// atomically, each under its dotted name (`0.weight`), as PyTorch's `state_dict` and candle's
+/// `VarMap::save` do: the file other tools read, and what
+/// [`load_weights`] reads back. Arguments in the order of [`save_checkpoint`].
+///
+/// # Errors
+/// [`TensorFileError`] naming the file if it cannot be written.
+pub fn save_weights(path: &Path, params: &ParamStore) -> Result<(), TensorFileError> {
+    save_params(params, path)
+}
+
+/// Loads the model's parameters from a safetensors file written by [`save_weights`] (or by
+/// [`save_checkpoint`], whose weights sit under `model/`, or by another tool with the same
+/// names), matching each parameter by name and checking its shape. All or nothing: on error
+/// `params` is left as it was. Tensors of the file that name no parameter are ignored.
+///
+/// # Errors
+/// [`TensorFileError`] naming the file and the tensor: I/O, format, a parameter missing from
+/// the file or of another shape.
+pub fn load_weights(path: &Path, params: &mut ParamStore) -> Result<(), TensorFileError> {
+    let file = read_tensors(path)?;
+    // A checkpoint keeps the weights under `model/`.
+    let prefix = if file.metadata.contains_key("kron.format_version") {
+        MODEL
+    } else {
+        ""
+    };
+    load_params_from(params, &file, prefix)
 }
