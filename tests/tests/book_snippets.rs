@@ -17,6 +17,8 @@ mod shampoo;
 mod tape;
 #[path = "../../book/snippets/two_level.rs"]
 mod two_level;
+#[path = "../../book/snippets/your_model.rs"]
+mod your_model;
 
 use kron_autodiff::{LayerCapture, Tensor};
 
@@ -486,3 +488,54 @@ fn kfac_runs_on_the_backend_the_machine_has() {
     assert!(last < first, "{}: loss {first} -> {last}", run.backend);
 }
 
+#[test]
+fn your_model_the_macro_model_trains_on_the_digits_with_kfac() {
+    let r = your_model::train(4).unwrap();
+    // The layers are named by position, as the chapter says.
+    assert_eq!(
+        r.names,
+        [
+            "0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias"
+        ]
+    );
+    // Four epochs of 45 batches of 32 (1437 examples, the last batch smaller).
+    assert_eq!(r.steps, 4 * 45);
+    assert_eq!(r.epoch_losses.len(), 4);
+    let (first, last) = (r.epoch_losses[0], r.epoch_losses[3]);
+    assert!(last < first / 4.0, "mean loss {first} -> {last}");
+    assert!(r.accuracy > 0.9, "test accuracy {}", r.accuracy);
+}
+
+#[test]
+fn your_model_a_resumed_trainer_has_the_bits_of_the_one_that_never_stopped() {
+    let dir = std::env::temp_dir().join(format!("kron-book-your-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = your_model::checkpoint_and_resume(&dir.join("ck.safetensors")).unwrap();
+    // 60 batches of 32: the second epoch, 15 batches in.
+    assert_eq!((r.position.epoch, r.position.cursor), (1, 15 * 32));
+    assert_eq!(r.steps, 80);
+    assert!(r.resumed == r.straight, "parameters differ after resuming");
+
+    let (trained, reloaded) = your_model::weights_round_trip(&dir.join("w.safetensors")).unwrap();
+    assert_eq!(trained.to_bits(), reloaded.to_bits());
+    assert!(trained < 1.0, "{trained}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn your_model_a_layer_left_out_of_the_blocks_is_reported_or_refused() {
+    use kron::prelude::Note;
+    let r = your_model::forgotten_layer().unwrap();
+    assert_eq!(r.outside, ["outer.weight", "outer.bias"]);
+    let expected = Note::OutsideBlocks {
+        params: vec!["outer.weight".into(), "outer.bias".into()],
+    };
+    assert!(r.first_notes.contains(&expected), "{:?}", r.first_notes);
+    assert!(!r.second_notes.contains(&expected), "{:?}", r.second_notes);
+    assert!(
+        r.strict_error.contains("step.strict_blocks")
+            && r.strict_error.contains("outer.weight, outer.bias"),
+        "{}",
+        r.strict_error
+    );
+}
