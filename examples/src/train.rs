@@ -438,7 +438,6 @@ pub fn run_with(
     spec: &RunSpec,
     files: &RunFiles,
 ) -> Result<RunResult, String> {
-    // ANCHOR: setup
     let mut params = ParamStore::new();
     let rng = Rng::new(spec.seed);
     let model = model_fn(&mut params, &mut rng.fork(1));
@@ -452,7 +451,6 @@ pub fn run_with(
     let mut batches = Batches::new(task.len(), spec.batch_size, rng.fork(2)).drop_last(true);
     let mut loop_rng = rng.fork(3);
     let mut augment_rng = rng.fork(4);
-    // ANCHOR_END: setup
     let mut step = 0u64;
     if let Some(path) = &files.resume {
         let state = load_checkpoint(path, &mut params, opt.as_mut()).map_err(|e| e.to_string())?;
@@ -531,7 +529,6 @@ pub fn run_with(
             0
         };
         for b in from..per_epoch {
-            // ANCHOR: step
             let idx = batches
                 .next_batch()
                 .ok_or("the data has fewer examples than one batch")?;
@@ -551,7 +548,6 @@ pub fn run_with(
                 &mut loop_rng,
             );
             seconds += t0.elapsed().as_secs_f64();
-            // ANCHOR_END: step
             step += 1;
             match out {
                 Ok(o) => {
