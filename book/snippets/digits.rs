@@ -1,16 +1,17 @@
 //! The code of the book's chapter "Tutorial: digits". Each `ANCHOR` region is shown in the
 //! chapter; `tests/tests/book_snippets.rs` runs every function here and checks what it returns.
 
+// ANCHOR: imports
 use std::error::Error;
 use std::path::Path;
 
-// ANCHOR: imports
 use kron::TrainState;
 use kron::data::{Batches, Dataset};
 use kron::optim::{Kfac, KfacConfig};
 use kron::prelude::*;
-use kron_examples::digits_mlp::mlp;
 // ANCHOR_END: imports
+// The model function the chapter shows from `examples/src/digits_mlp.rs`.
+use kron_examples::digits_mlp::mlp;
 
 /// What the training run of the tutorial returns.
 pub struct Trained {
@@ -22,12 +23,14 @@ pub struct Trained {
     pub test_loss: f32,
     /// The mini-batch loss of every step.
     pub losses: Vec<f32>,
+    /// The test accuracy at the end of each epoch.
+    pub accuracy_by_epoch: Vec<f32>,
 }
 
 // ANCHOR: train
-/// Trains the digits MLP with Adam for `steps` mini-batches of 32 and evaluates it on the test
-/// set before and after.
-pub fn train_digits(steps: usize) -> Trained {
+/// Trains the digits MLP with Adam for `epochs` epochs of mini-batches of 32, and evaluates it
+/// on the test set before training and after each epoch.
+pub fn train_digits(epochs: usize) -> Trained {
     let digits = kron::data::digits(); // bundled: 1437 training and 360 test images of 8x8
     let seed = Rng::new(0);
 
@@ -53,20 +56,32 @@ pub fn train_digits(steps: usize) -> Trained {
     };
     let before = test(&params);
 
-    let mut losses = Vec::with_capacity(steps);
-    for idx in batches.by_ref().take(steps) {
-        let (x, y) = digits.train.batch(&idx);
-        let out = train_step(
-            &model,
-            LossKind::CrossEntropy,
-            &mut params,
-            &mut opt,
-            &x,
-            &Targets::Classes(y),
-            &mut rng,
-        )
-        .expect("the gradients are finite");
-        losses.push(out.loss);
+    let mut losses = Vec::new();
+    let mut accuracy_by_epoch = Vec::with_capacity(epochs);
+    for epoch in 1..=epochs {
+        // One epoch: every training example once, in this epoch's shuffled order.
+        while let Some(idx) = batches.next_batch() {
+            let (x, y) = digits.train.batch(&idx);
+            let out = train_step(
+                &model,
+                LossKind::CrossEntropy,
+                &mut params,
+                &mut opt,
+                &x,
+                &Targets::Classes(y),
+                &mut rng,
+            )
+            .expect("the gradients are finite");
+            losses.push(out.loss);
+        }
+        let e = test(&params);
+        let accuracy = e.accuracy.unwrap();
+        println!(
+            "epoch {epoch}: test loss {:.4}, accuracy {:.1}%",
+            e.loss,
+            100.0 * accuracy
+        );
+        accuracy_by_epoch.push(accuracy);
     }
 
     let after = test(&params);
@@ -75,11 +90,13 @@ pub fn train_digits(steps: usize) -> Trained {
         accuracy_after: after.accuracy.unwrap(),
         test_loss: after.loss,
         losses,
+        accuracy_by_epoch,
     }
 }
 // ANCHOR_END: train
 
-/// `steps` training steps from wherever `batches` and `rng` stand.
+// ANCHOR: steps
+/// `steps` training steps from wherever `batches` and `rng` stand, across epoch boundaries.
 fn train(
     model: &dyn Module,
     params: &mut ParamStore,
@@ -96,6 +113,7 @@ fn train(
     }
     Ok(())
 }
+// ANCHOR_END: steps
 
 /// The recipe of the checkpoint example.
 fn kfac_config() -> KfacConfig {

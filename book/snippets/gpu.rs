@@ -5,8 +5,9 @@
 use kron::optim::backend::wgpu_backend;
 use kron::optim::{Backend, CpuBackend, Kfac, KfacConfig, Precision};
 use kron::prelude::*;
-use kron_examples::digits_mlp::mlp;
 // ANCHOR_END: imports
+// `mlp` is the tutorial's model function, defined in `examples/src/digits_mlp.rs`.
+use kron_examples::digits_mlp::mlp;
 
 /// What a run returns: the backend's name and the mini-batch losses.
 pub struct GpuRun {

@@ -6,8 +6,9 @@ use kron::optim::{
     EigenDamping, FisherKind, InverseMethod, Kfac, KfacConfig, LevenbergMarquardt, StepReport,
 };
 use kron::prelude::*;
-use kron_examples::digits_mlp::mlp;
 // ANCHOR_END: imports
+// `mlp` is the tutorial's model function, defined in `examples/src/digits_mlp.rs`.
+use kron_examples::digits_mlp::mlp;
 
 /// What a KFAC run on the digits returns.
 pub struct KfacRun {

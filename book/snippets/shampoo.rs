@@ -8,8 +8,9 @@ use kron::optim::{
     RootMethod, Shampoo, TensorLayout,
 };
 use kron::prelude::*;
-use kron_examples::digits_mlp::mlp;
 // ANCHOR_END: imports
+// `mlp` is the tutorial's model function, defined in `examples/src/digits_mlp.rs`.
+use kron_examples::digits_mlp::mlp;
 
 // ANCHOR: shampoo_config
 /// Shampoo for the digits classifier: the library's defaults (Meta's AlgoPerf configuration)

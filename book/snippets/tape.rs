@@ -2,7 +2,9 @@
 //! `tests/tests/book_snippets.rs` runs every function here and checks what it returns.
 
 // ANCHOR: imports
-use kron_autodiff::{LayerCapture, LayerId, LossKind, ParamId, ParamStore, Rng, Tape, Tensor, Var};
+use kron::autodiff::{
+    LayerCapture, LayerId, LossKind, ParamId, ParamStore, Rng, Tape, Tensor, Var,
+};
 // ANCHOR_END: imports
 
 // ANCHOR: reverse_mode
@@ -79,7 +81,7 @@ pub struct DenseRun {
     pub x: Tensor,
     pub labels: Vec<usize>,
     pub loss: f32,
-    pub grads: kron_autodiff::Gradients,
+    pub grads: kron::autodiff::Gradients,
 }
 
 // ANCHOR: dense_capture
@@ -176,7 +178,7 @@ pub fn one_example_fisher(run: &DenseRun) -> (Tensor, Tensor) {
 pub struct ConvRun {
     pub weight: ParamId,
     pub bias: ParamId,
-    pub grads: kron_autodiff::Gradients,
+    pub grads: kron::autodiff::Gradients,
     pub layer: LayerId,
 }
 

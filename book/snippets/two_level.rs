@@ -4,8 +4,9 @@
 // ANCHOR: imports
 use kron::optim::{CoarseConfig, CoarseSpace, KfacConfig, Note, TwoLevelKfac};
 use kron::prelude::*;
-use kron_examples::digits_mlp::mlp;
 // ANCHOR_END: imports
+// `mlp` is the tutorial's model function, defined in `examples/src/digits_mlp.rs`.
+use kron_examples::digits_mlp::mlp;
 
 /// What a two-level run on the digits returns.
 pub struct TwoLevelRun {

@@ -75,7 +75,7 @@ pub const KFAC: KfacConfig = KfacConfig::DEFAULT
 pub const EXAMPLE: Example = Example {
     name: "autoencoder",
     title: "autoencoder: 784-1000-500-250-30 deep autoencoder on MNIST digits",
-    default_optimizer: OptimizerKind::Kfac,
+    defaults: &[OptimizerKind::Kfac],
     task,
     model,
     kfac: KFAC,

@@ -2,6 +2,7 @@
 //! `--data /usr/share/datasets/fashion-mnist`.
 
 use kron::layers::Module;
+use kron::optim::KfacConfig;
 use kron::prelude::*;
 
 use crate::data;
@@ -48,19 +49,23 @@ fn model(task: &Task, store: &mut ParamStore, rng: &mut Rng) -> Box<dyn Module> 
     Box::new(convnet(store, rng, task.train_x.dim(1), 10))
 }
 
+// ANCHOR: kfac
+/// KFC for the conv net: the library's defaults with damping 0.1, the convolutions' factors
+/// every 10 steps and a refresh every 20.
+pub const KFAC: KfacConfig = KfacConfig::DEFAULT
+    .with_damping(0.1)
+    .with_conv_stats_period(10)
+    .with_inverse_period(20);
+// ANCHOR_END: kfac
+
 /// The conv net.
 pub const EXAMPLE: Example = Example {
     name: "convnet",
     title: "convnet: 3-layer conv net on 28x28 digits",
-    default_optimizer: OptimizerKind::Kfac,
+    defaults: &[OptimizerKind::Kfac],
     task,
     model,
-    // ANCHOR: kfac
-    kfac: crate::KFAC_DEFAULT
-        .with_damping(0.1)
-        .with_conv_stats_period(10)
-        .with_inverse_period(20),
-    // ANCHOR_END: kfac
+    kfac: KFAC,
     adaptive: crate::ADAPTIVE_DEFAULT,
     lrs: &[
         (OptimizerKind::Sgd, 0.01),

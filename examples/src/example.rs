@@ -9,16 +9,18 @@ use kron::prelude::*;
 
 use crate::cli::{CliError, Flags};
 use crate::report::Curves;
+use crate::resume::RunFiles;
 use crate::train::{
     AdaptiveRecipe, BackendKind, Comparison, OptimizerKind, RunSpec, Task, compare,
-    default_optimizer, run, sweep,
+    default_optimizer, run_with, sweep,
 };
 
 /// The flags every example takes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
-    /// `--optimizer sgd|adam|kfac|kfac-2l|shampoo|kradagrad|kradagrad-star`.
-    pub optimizer: OptimizerKind,
+    /// `--optimizer sgd|adam|kfac|kfac-2l|shampoo|kradagrad|kradagrad-star` (`None`: the
+    /// example's default run, [`Example::defaults`]).
+    pub optimizer: Option<OptimizerKind>,
     /// `--coarse NAME`: two-level KFAC's coarse space (default Nicolaides).
     pub coarse: Option<CoarseConfig>,
     /// `--lr`: the learning rate (default: the example's tuned value for the optimizer).
@@ -62,12 +64,15 @@ pub struct Config {
     pub trace: bool,
     /// `--lm`: Levenberg-Marquardt adaptation of KFAC's damping (default: the example's).
     pub lm: bool,
+    /// `--save PATH`, `--checkpoint PATH`, `--resume PATH`: the final weights, a checkpoint at
+    /// the end of every epoch, the checkpoint to continue from (single runs only).
+    pub files: RunFiles,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            optimizer: OptimizerKind::Adam,
+            optimizer: None,
             coarse: None,
             lr: None,
             epochs: None,
@@ -89,6 +94,7 @@ impl Default for Config {
             curvature_examples: None,
             inverse_period: None,
             stats_examples: None,
+            files: RunFiles::default(),
         }
     }
 }
@@ -96,8 +102,9 @@ impl Default for Config {
 // ANCHOR: usage
 /// The usage text shared by the examples.
 pub const USAGE: &str = "flags:
-  --optimizer NAME            sgd, adam, kfac, kfac-2l (two-level KFAC), shampoo,
-                              kradagrad or kradagrad-star (default: the example's)
+  --optimizer NAME            train with one optimizer: sgd, adam, kfac, kfac-2l
+                              (two-level KFAC), shampoo, kradagrad or kradagrad-star
+                              (default: the example's; digits_mlp compares adam and kfac)
   --coarse NAME               kfac-2l's coarse space: nicolaides (default), spectral,
                               residual, tselepidis, krylov-nicolaides, krylov-residual
   --lr X                      learning rate (default: the tuned value for the optimizer)
@@ -107,6 +114,11 @@ pub const USAGE: &str = "flags:
   --data DIR                  MNIST-format IDX files instead of the bundled data
   --fast                      a small run (what the tests snapshot)
   --csv PATH                  where to write the curves (default out/NAME.csv)
+  --save PATH                 write the final weights there (safetensors)
+  --checkpoint PATH           write a checkpoint there at the end of every epoch
+  --resume PATH               continue the run a checkpoint holds, to --epochs in all
+                              (with the same optimizer and flags: the same bits as a
+                              run that never stopped)
   --compare                   run every optimizer; print the time-to-target table
   --sweep                     tune each optimizer's learning rate first (implies --compare)
   --backend cpu|wgpu          where KFAC's matrix math runs (wgpu needs --features wgpu)
@@ -124,11 +136,8 @@ pub const USAGE: &str = "flags:
 // ANCHOR_END: usage
 
 impl Config {
-    /// Parses the flags, starting from `default_optimizer`.
-    pub fn from_args(
-        args: impl IntoIterator<Item = String>,
-        default_optimizer: OptimizerKind,
-    ) -> Result<Self, CliError> {
+    /// Parses the flags.
+    pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Self, CliError> {
         let mut f = Flags::parse(
             args,
             &["fast", "quiet", "compare", "sweep", "lm", "trace", "help"],
@@ -140,8 +149,7 @@ impl Config {
             optimizer: f
                 .get::<String>("optimizer")?
                 .map(|s| s.parse().map_err(CliError))
-                .transpose()?
-                .unwrap_or(default_optimizer),
+                .transpose()?,
             coarse: f
                 .get::<String>("coarse")?
                 .map(|s| CoarseConfig::parse(&s).map_err(|e| CliError(format!("--coarse: {e}"))))
@@ -179,6 +187,11 @@ impl Config {
             curvature_examples: f.get("curvature-examples")?,
             inverse_period: f.get("inverse-period")?,
             stats_examples: f.get("stats-examples")?,
+            files: RunFiles {
+                save: f.get::<String>("save")?.map(PathBuf::from),
+                checkpoint: f.get::<String>("checkpoint")?.map(PathBuf::from),
+                resume: f.get::<String>("resume")?.map(PathBuf::from),
+            },
         };
         f.finish()?;
         c.validate()?;
@@ -198,7 +211,7 @@ impl Config {
         };
         positive("lr", self.lr)?;
         positive("damping", self.damping)?;
-        if self.coarse.is_some() && self.optimizer != OptimizerKind::TwoLevelKfac {
+        if self.coarse.is_some() && self.optimizer != Some(OptimizerKind::TwoLevelKfac) {
             return Err(CliError(
                 "--coarse sets two-level KFAC's coarse space: add --optimizer kfac-2l".into(),
             ));
@@ -233,6 +246,60 @@ impl Config {
                     .into(),
             ));
         }
+        if self.compare || self.sweep {
+            self.single_run_flags("--compare and --sweep run every optimizer")?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer of a single run on `ex`, or `None` for a comparison (`--compare`,
+    /// `--sweep`, or no `--optimizer` where the example compares by default).
+    pub fn single(&self, ex: &Example) -> Option<OptimizerKind> {
+        match (self.compare || self.sweep, self.optimizer, ex.defaults) {
+            (true, _, _) => None,
+            (false, Some(k), _) => Some(k),
+            (false, None, [k]) => Some(*k),
+            (false, None, _) => None,
+        }
+    }
+
+    /// [`validate`](Self::validate), and the checks that depend on the example: the flags of a
+    /// single run (`--lr`, `--save`, `--checkpoint`, `--resume`) are refused where the flags
+    /// ask for a comparison.
+    pub fn validate_for(&self, ex: &Example) -> Result<(), CliError> {
+        self.validate()?;
+        if self.single(ex).is_none() {
+            let names: Vec<&str> = ex.defaults.iter().map(|k| k.name()).collect();
+            let why = format!(
+                "without --optimizer, {} compares {}",
+                ex.name,
+                names.join(" and ")
+            );
+            if self.lr.is_some() {
+                return Err(CliError(format!(
+                    "--lr sets the rate of a single run, and {why}: add --optimizer NAME"
+                )));
+            }
+            self.single_run_flags(&why)?;
+        }
+        Ok(())
+    }
+
+    /// An error naming the first of `--save`, `--checkpoint`, `--resume` given, which belong to
+    /// single runs, saying `why` this is not one.
+    fn single_run_flags(&self, why: &str) -> Result<(), CliError> {
+        let f = &self.files;
+        for (name, given) in [
+            ("save", f.save.is_some()),
+            ("checkpoint", f.checkpoint.is_some()),
+            ("resume", f.resume.is_some()),
+        ] {
+            if given {
+                return Err(CliError(format!(
+                    "--{name} belongs to a single run, and {why}: choose one with --optimizer NAME"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -260,8 +327,9 @@ pub struct Example {
     pub name: &'static str,
     /// What it trains, in one line.
     pub title: &'static str,
-    /// The optimizer used without `--optimizer`.
-    pub default_optimizer: OptimizerKind,
+    /// What a run without `--optimizer` trains: one optimizer, or several compared (each at
+    /// its tuned rate, with the time-to-target table).
+    pub defaults: &'static [OptimizerKind],
     /// Loads the task (bundled data, or `--data`), trimmed to the sizes.
     pub task: fn(&Config, &Sizes) -> Result<Task, String>,
     /// Builds the model for a task.
@@ -285,6 +353,8 @@ pub struct Example {
 pub struct Summary {
     /// A heading.
     pub title: String,
+    /// What the run does, for a reader new to it (the example's default comparison).
+    pub intro: Option<String>,
     /// The curves of every run.
     pub curves: Curves,
     /// The comparison, with `--compare` or `--sweep`.
@@ -303,12 +373,22 @@ impl Summary {
     /// The printed report; without `seconds` nothing depends on the machine's speed (what the
     /// snapshot tests compare).
     pub fn render(&self, seconds: bool) -> String {
-        let mut s = format!("{}\n\n{}", self.title, self.curves.table(seconds));
+        let mut s = format!("{}\n\n", self.title);
+        if let Some(intro) = &self.intro {
+            let _ = write!(s, "{intro}\n\n");
+        }
+        s.push_str(&self.curves.table(seconds));
         if let Some(log) = &self.sweep_log {
             let _ = write!(s, "\nlearning-rate sweep:\n{log}");
         }
         if let Some(c) = &self.comparison {
-            let _ = write!(s, "\n{}", c.table(seconds));
+            let _ = write!(s, "\n{}\n{}", c.table(seconds), c.verdict(seconds));
+            let _ = write!(
+                s,
+                "\nEvery run trained the same model from the same initialization on the same \
+                 batches,\nat its tuned learning rate. The target is the final training loss of \
+                 the best\nfirst-order run; \"steps\" is the first evaluation at or below it.\n"
+            );
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
@@ -319,6 +399,8 @@ impl Summary {
 
 /// Runs an example with a configuration.
 pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
+    cfg.validate_for(ex).map_err(|e| e.0)?;
+    let single = cfg.single(ex);
     let sizes = if cfg.fast { ex.fast } else { ex.sizes };
     let task = (ex.task)(cfg, &sizes)?;
     let model_fn = |p: &mut ParamStore, r: &mut Rng| (ex.model)(&task, p, r);
@@ -349,8 +431,8 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     }
     if cfg.lr.is_some()
         && matches!(
-            cfg.optimizer,
-            OptimizerKind::Kfac | OptimizerKind::TwoLevelKfac
+            single,
+            Some(OptimizerKind::Kfac | OptimizerKind::TwoLevelKfac)
         )
         && kfac.step.rule == StepRule::QuadraticModel
     {
@@ -363,7 +445,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
     let coarse = cfg.coarse.unwrap_or_default();
     let optim = default_optimizer(kfac, coarse, ex.adaptive);
     let spec = RunSpec {
-        optimizer: cfg.optimizer,
+        optimizer: single.unwrap_or(ex.defaults[0]),
         lr: 0.0,
         epochs: cfg.epochs.unwrap_or(sizes.epochs),
         batch_size: cfg.batch_size.unwrap_or(sizes.batch_size),
@@ -394,8 +476,12 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         spec.seed
     );
     let mut notes = Vec::new();
-    let summary = if cfg.compare || cfg.sweep {
-        let mut lrs: Vec<(OptimizerKind, f32)> = ex.lrs.to_vec();
+    let summary = if single.is_none() {
+        let mut lrs: Vec<(OptimizerKind, f32)> = if cfg.compare || cfg.sweep {
+            ex.lrs.to_vec()
+        } else {
+            ex.defaults.iter().map(|&k| (k, tuned(k))).collect()
+        };
         let mut log = None;
         if cfg.sweep {
             let mut text = String::new();
@@ -430,8 +516,22 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
             }
         }
         notes.extend(c.stopped.iter().cloned());
+        let intro = (!(cfg.compare || cfg.sweep)).then(|| {
+            let mut t = String::from("Without --optimizer, this example compares\n");
+            for k in ex.defaults {
+                let _ = writeln!(t, "  {:<6} {}", k.name(), k.describe());
+            }
+            t.push_str(
+                "--optimizer NAME trains one optimizer, --compare all of them, --help lists \
+                 the flags.\nOn a model this small a KFAC step costs a few Adam steps; on the \
+                 KFAC paper's deep autoencoder\nits fewer steps take less time as well: cargo \
+                 run --release --example autoencoder -- --compare",
+            );
+            t
+        });
         Summary {
             title,
+            intro,
             curves: c.curves.clone(),
             stopped: c.stopped.clone(),
             comparison: Some(c),
@@ -439,12 +539,19 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
             notes,
         }
     } else {
-        let lr = cfg.lr.unwrap_or_else(|| tuned(cfg.optimizer));
-        let r = run(&task, &model_fn, &optim, &RunSpec { lr, ..spec.clone() })?;
+        let lr = cfg.lr.unwrap_or_else(|| tuned(spec.optimizer));
+        let r = run_with(
+            &task,
+            &model_fn,
+            &optim,
+            &RunSpec { lr, ..spec.clone() },
+            &cfg.files,
+        )?;
         notes.extend(r.stopped.iter().cloned());
         notes.extend(r.notes);
         Summary {
             title,
+            intro: None,
             curves: r.curves,
             comparison: None,
             sweep_log: None,
@@ -469,8 +576,9 @@ pub fn main(ex: &Example) -> std::process::ExitCode {
 
 /// Parses flags, runs, prints the table to `out`, writes the CSV, and returns the exit code:
 /// 0 when every reported run finished, 1 when one stopped early or something failed (the
-/// reason on `err`), 2 for a usage error (a bad flag or value, an unwritable `--csv` path,
-/// found before training). `--help` prints the flags to `out` and returns 0.
+/// reason on `err`: a checkpoint that cannot be read names its path), 2 for a usage error (a
+/// bad flag or value, an unwritable `--csv`, `--save` or `--checkpoint` path, found before
+/// training). `--help` prints the flags to `out` and returns 0.
 pub fn cli_main(
     ex: &Example,
     args: Vec<String>,
@@ -481,7 +589,7 @@ pub fn cli_main(
         let _ = writeln!(out, "{USAGE}");
         return 0;
     }
-    let cfg = match Config::from_args(args, ex.default_optimizer) {
+    let cfg = match Config::from_args(args).and_then(|c| c.validate_for(ex).map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             let _ = writeln!(err, "{}: {e}\n{USAGE}", ex.name);
@@ -501,6 +609,23 @@ pub fn cli_main(
             path.display()
         );
         return 2;
+    }
+    let files = [
+        ("--save", "the weights", &cfg.files.save),
+        ("--checkpoint", "a checkpoint", &cfg.files.checkpoint),
+    ];
+    for (flag, what, file) in files {
+        if let Some(p) = file
+            && let Err(e) = crate::resume::check_writable(p)
+        {
+            let _ = writeln!(
+                err,
+                "{}: cannot write {what} to {} ({flag}): {e}",
+                ex.name,
+                p.display()
+            );
+            return 2;
+        }
     }
     match run_example(ex, &cfg) {
         Ok(s) => {

@@ -10,16 +10,13 @@ pub mod digits_mlp;
 pub mod example;
 pub mod ill_conditioned;
 pub mod report;
+pub mod resume;
 pub mod train;
 pub mod two_level;
 
-use kron::optim::{AdaptiveConfig, KfacConfig, Ridge};
+use kron::optim::{AdaptiveConfig, Ridge};
 
 use crate::train::AdaptiveRecipe;
-
-/// The examples' KFAC recipe: the library defaults (sampled Fisher, factors every step and conv
-/// factors every 10, inverses every 20 steps, damping 1e-3, KL clip 1e-3, momentum 0.9).
-pub const KFAC_DEFAULT: KfacConfig = KfacConfig::DEFAULT;
 
 /// The examples' Shampoo and KrADagrad recipes. Shampoo: the library defaults (Meta's AlgoPerf
 /// configuration: Adam grafting, beta2 0.999, epsilon 1e-12, blocks of 1024, f64 roots) with

@@ -14,6 +14,7 @@ use kron::optim::{
 use kron::prelude::*;
 
 use crate::report::{Curves, Point, Progress, time_to_target};
+use crate::resume::{RunFiles, data_position, resume_batches};
 
 /// The optimizers the examples offer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,29 @@ impl OptimizerKind {
             OptimizerKind::Shampoo => "shampoo",
             OptimizerKind::KrAdagradStar => "kradagrad-star",
             OptimizerKind::KrAdagrad => "kradagrad",
+        }
+    }
+
+    /// What it is, in a few words for someone who has not met it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "first-order: SGD with momentum",
+            OptimizerKind::Adam => {
+                "first-order: a step per parameter scaled by its gradient's history"
+            }
+            OptimizerKind::Kfac => {
+                "second-order: each layer's gradient times the inverse of its \
+                 Kronecker-factored Fisher"
+            }
+            OptimizerKind::TwoLevelKfac => {
+                "second-order: KFAC plus a coarse correction for the curvature between layers"
+            }
+            OptimizerKind::Shampoo => {
+                "adaptive: Kronecker-factored preconditioning from the gradients' second moments"
+            }
+            OptimizerKind::KrAdagradStar | OptimizerKind::KrAdagrad => {
+                "adaptive: Shampoo-like preconditioning kept as inverse statistics"
+            }
         }
     }
 
@@ -151,6 +175,15 @@ impl Shift {
             }
         }
         Tensor::from_vec(out, x.shape())
+    }
+
+    /// Advances `rng` exactly as [`apply`](Self::apply) on `images` images would, without the
+    /// images: a resumed run's augmentation stream then stands where the interrupted run's stood.
+    pub fn skip(&self, rng: &mut Rng, images: u64) {
+        for _ in 0..images {
+            rng.below(2 * self.max as u64 + 1);
+            rng.below(2 * self.max as u64 + 1);
+        }
     }
 }
 
@@ -390,7 +423,21 @@ pub fn run(
     optim_fn: OptimFn<'_>,
     spec: &RunSpec,
 ) -> Result<RunResult, String> {
-    // ANCHOR: setup
+    run_with(task, model_fn, optim_fn, spec, &RunFiles::default())
+}
+
+/// Trains one model, from scratch or from `files.resume`, up to `spec.epochs` epochs in all,
+/// writing `files.checkpoint` at the end of every epoch and `files.save` at the end, and
+/// records its curves. A resumed run takes the same steps, to the bit, as one that never
+/// stopped; its curves start with an evaluation where it resumed, and its seconds count from
+/// there. Errors (a file that cannot be read or written) name the file.
+pub fn run_with(
+    task: &Task,
+    model_fn: ModelFn<'_>,
+    optim_fn: OptimFn<'_>,
+    spec: &RunSpec,
+    files: &RunFiles,
+) -> Result<RunResult, String> {
     let mut params = ParamStore::new();
     let rng = Rng::new(spec.seed);
     let model = model_fn(&mut params, &mut rng.fork(1));
@@ -404,8 +451,38 @@ pub fn run(
     let mut batches = Batches::new(task.len(), spec.batch_size, rng.fork(2)).drop_last(true);
     let mut loop_rng = rng.fork(3);
     let mut augment_rng = rng.fork(4);
-    // ANCHOR_END: setup
+    let mut step = 0u64;
+    if let Some(path) = &files.resume {
+        let state = load_checkpoint(path, &mut params, opt.as_mut()).map_err(|e| e.to_string())?;
+        let resumed = resume_batches(&state, task.len(), path)?;
+        if resumed.batch_size() != spec.batch_size {
+            return Err(format!(
+                "checkpoint {}: its run took batches of {} examples, this one of {} \
+                 (--batch-size)",
+                path.display(),
+                resumed.batch_size(),
+                spec.batch_size
+            ));
+        }
+        // The augmentation stream is re-derived from the seed: the checkpoint's batch stream
+        // tells whether it was the same.
+        if resumed.state().rng != rng.fork(2) {
+            return Err(format!(
+                "checkpoint {}: its run had another seed (--seed)",
+                path.display()
+            ));
+        }
+        batches = resumed.drop_last(true);
+        loop_rng = state.rng;
+        step = state.step;
+        // Every batch is full (drop_last), so `step` batches augmented this many images.
+        if let Some(shift) = &task.augment {
+            shift.skip(&mut augment_rng, step * spec.batch_size as u64);
+        }
+    }
     let per_epoch = batches.batches_per_epoch().max(1);
+    let start_epoch = batches.epoch() as usize;
+    let first_batch = batches.cursor() / spec.batch_size;
     let total = (per_epoch * spec.epochs) as u64;
     let eval_at: Vec<usize> = (1..=spec.evals_per_epoch.max(1))
         .map(|k| k * per_epoch / spec.evals_per_epoch.max(1))
@@ -414,7 +491,6 @@ pub fn run(
     let progress = Progress::new(name, total, spec.quiet);
     let mut curves = Curves::default();
     let mut seconds = 0.0f64;
-    let mut step = 0u64;
     let mut notes: Vec<String> = Vec::new();
     let evaluate_point = |params: &ParamStore, epoch: usize, step: u64, seconds: f64| {
         let tr = evaluate(
@@ -443,10 +519,16 @@ pub fn run(
             test_accuracy: te.accuracy,
         }
     };
-    curves.points.push(evaluate_point(&params, 0, 0, 0.0));
-    for epoch in 1..=spec.epochs {
-        for b in 0..per_epoch {
-            // ANCHOR: step
+    curves
+        .points
+        .push(evaluate_point(&params, start_epoch, step, 0.0));
+    for epoch in start_epoch + 1..=spec.epochs {
+        let from = if epoch == start_epoch + 1 {
+            first_batch
+        } else {
+            0
+        };
+        for b in from..per_epoch {
             let idx = batches
                 .next_batch()
                 .ok_or("the data has fewer examples than one batch")?;
@@ -466,7 +548,6 @@ pub fn run(
                 &mut loop_rng,
             );
             seconds += t0.elapsed().as_secs_f64();
-            // ANCHOR_END: step
             step += 1;
             match out {
                 Ok(o) => {
@@ -507,8 +588,19 @@ pub fn run(
         }
         // Consume the end-of-epoch marker so the next epoch starts afresh.
         let _ = batches.next_batch();
+        if let Some(path) = &files.checkpoint {
+            let state = TrainState {
+                step,
+                rng: loop_rng.clone(),
+                data: data_position(&batches),
+            };
+            save_checkpoint(path, &params, opt.as_ref(), &state).map_err(|e| e.to_string())?;
+        }
     }
     progress.finish();
+    if let Some(path) = &files.save {
+        kron::layers::save(&params, path).map_err(|e| format!("cannot save the weights: {e}"))?;
+    }
     Ok(RunResult {
         curves,
         stopped: None,
@@ -572,6 +664,44 @@ impl Comparison {
             &self.baseline,
             seconds,
         )
+    }
+
+    /// The table's reading in sentences: how each optimizer did against the baseline (without
+    /// the seconds for snapshots).
+    pub fn verdict(&self, seconds: bool) -> String {
+        let base = &self.baseline;
+        let base_hit = self.curves.first_reaching(base, self.target);
+        let mut s = String::new();
+        for (name, _) in self.lrs.iter().filter(|(n, _)| n != base) {
+            let (Some(hit), Some(b)) = (self.curves.first_reaching(name, self.target), base_hit)
+            else {
+                s.push_str(&format!(
+                    "{name} did not reach {base}'s final training loss.\n"
+                ));
+                continue;
+            };
+            s.push_str(&format!(
+                "{name} reached {base}'s final training loss in {} steps ({base}: {} steps).\n",
+                hit.step, b.step
+            ));
+            if seconds {
+                s.push_str(&format!(
+                    "In training time: {:.2} s against {:.2} s, {:.2}x the speed",
+                    hit.seconds,
+                    b.seconds,
+                    b.seconds / hit.seconds.max(1e-9)
+                ));
+                if hit.step < b.step && hit.seconds > b.seconds {
+                    let per = |p: &Point| p.seconds / p.step.max(1) as f64;
+                    s.push_str(&format!(
+                        ": fewer steps, but a {name} step cost {:.1} {base} steps here",
+                        per(hit) / per(b).max(1e-12)
+                    ));
+                }
+                s.push_str(".\n");
+            }
+        }
+        s
     }
 }
 

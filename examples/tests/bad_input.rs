@@ -41,7 +41,7 @@ fn cli(ex: &Example, args: &[&str]) -> (u8, String, String) {
 }
 
 fn flags(args: &[&str]) -> Result<Config, String> {
-    Config::from_args(args.iter().map(|s| s.to_string()), OptimizerKind::Adam).map_err(|e| e.0)
+    Config::from_args(args.iter().map(|s| s.to_string())).map_err(|e| e.0)
 }
 
 #[test]
@@ -73,6 +73,11 @@ fn bad_values_are_usage_errors_naming_the_flag() {
             "--coarse",
         ),
         (&["--coarse", "residual"], "--coarse"),
+        (&["--compare", "--save", "w"], "--save"),
+        (&["--sweep", "--checkpoint", "c"], "--checkpoint"),
+        (&["--compare", "--resume", "c"], "--resume"),
+        (&["--save"], "--save"),
+        (&["--resume"], "--resume"),
     ] {
         let e = flags(args).unwrap_err();
         assert!(e.contains(flag), "{args:?}: {e}");
@@ -86,7 +91,7 @@ fn bad_values_are_usage_errors_naming_the_flag() {
 #[test]
 fn a_learning_rate_that_would_be_ignored_is_refused() {
     let cfg = Config {
-        optimizer: OptimizerKind::Kfac,
+        optimizer: Some(OptimizerKind::Kfac),
         lr: Some(0.1),
         fast: true,
         quiet: true,
@@ -109,12 +114,70 @@ fn two_level_kfac_runs_with_each_coarse_space() {
             "--quiet",
         ])
         .unwrap();
-        assert_eq!(cfg.optimizer, OptimizerKind::TwoLevelKfac);
+        assert_eq!(cfg.optimizer, Some(OptimizerKind::TwoLevelKfac));
         let s = run_example(&digits_mlp::EXAMPLE, &cfg).unwrap();
         assert!(s.stopped.is_empty(), "{coarse}: {:?}", s.stopped);
         let text = s.render(false);
         assert!(text.contains("kfac-2l"), "{text}");
     }
+}
+
+/// The digits example compares Adam and KFAC unless `--optimizer` names one: the flags of a
+/// single run are usage errors without it, naming the flag and the way out; the other
+/// examples train one optimizer by default and take them.
+#[test]
+fn single_run_flags_need_a_single_run() {
+    for (args, flag) in [
+        (&["--save", "w"][..], "--save"),
+        (&["--checkpoint", "c"], "--checkpoint"),
+        (&["--resume", "c"], "--resume"),
+        (&["--lr", "0.1"], "--lr"),
+    ] {
+        let (code, out, err) = cli(&digits_mlp::EXAMPLE, args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(
+            err.contains(flag) && err.contains("--optimizer NAME") && out.is_empty(),
+            "{args:?}: {err}"
+        );
+        let mut with = args.to_vec();
+        with.extend(["--optimizer", "adam"]);
+        let cfg = flags(&with).unwrap();
+        cfg.validate_for(&digits_mlp::EXAMPLE).unwrap();
+        let cfg = flags(args).unwrap();
+        cfg.validate_for(&autoencoder::EXAMPLE).unwrap();
+    }
+}
+
+/// An unwritable `--save` or `--checkpoint` path is found before training, like the CSV's.
+#[test]
+fn unwritable_weight_and_checkpoint_paths_are_found_before_training() {
+    let dir = ScratchDir::new("save-unwritable");
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let under = blocker.join("w.safetensors"); // under a file: cannot be created
+    let csv = dir.path().join("c.csv");
+    for flag in ["--save", "--checkpoint"] {
+        let (code, out, err) = cli(
+            &digits_mlp::EXAMPLE,
+            &[
+                "--fast",
+                "--quiet",
+                "--optimizer",
+                "adam",
+                "--csv",
+                csv.to_str().unwrap(),
+                flag,
+                under.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, 2, "{flag}: {err}");
+        assert!(err.contains(flag) && err.contains("w.safetensors"), "{err}");
+        assert!(!out.contains("optimizer"), "training ran: {out}");
+    }
+    // A writable path is probed without leaving a file behind.
+    let fine = dir.path().join("sub/w.safetensors");
+    kron_examples::resume::check_writable(&fine).unwrap();
+    assert!(!fine.exists());
 }
 
 #[test]

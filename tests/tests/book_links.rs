@@ -1,6 +1,7 @@
 //! Every `{{#include}}` and `{{#rustdoc_include}}` in the book names a file that exists and, where
 //! it names an anchor or a line range, an anchor the file defines or lines the file has; every
-//! chapter listed in `SUMMARY.md` exists and is not empty; every image a chapter shows exists.
+//! chapter listed in `SUMMARY.md` exists and is not empty; every image a chapter shows exists;
+//! the Rust code a chapter shows is code a user can write in a crate that depends on `kron`.
 //!
 //! mdBook itself includes nothing (and says nothing) for an anchor it cannot find, so without
 //! this check a renamed anchor silently empties a code block of the book.
@@ -279,6 +280,316 @@ fn check_images(src: &Path) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The lines a part of a file shows, as mdBook shows them: anchor marker lines dropped.
+fn part_text(file: &str, part: &Part) -> String {
+    let lines: Vec<&str> = file.lines().collect();
+    let picked: Vec<&str> = match part {
+        Part::All => lines,
+        Part::Lines { start, end } => {
+            let s = start.unwrap_or(1).saturating_sub(1).min(lines.len());
+            let e = end.unwrap_or(lines.len()).min(lines.len()).max(s);
+            lines[s..e].to_vec()
+        }
+        Part::Anchor(name) => {
+            let start = lines.iter().position(|l| {
+                !l.contains("ANCHOR_END:") && anchor_name(l, "ANCHOR:") == Some(name)
+            });
+            let Some(start) = start else {
+                return String::new();
+            };
+            lines[start + 1..]
+                .iter()
+                .take_while(|l| anchor_name(l, "ANCHOR_END:") != Some(name))
+                .copied()
+                .collect()
+        }
+    };
+    picked
+        .into_iter()
+        .filter(|l| !l.contains("ANCHOR:") && !l.contains("ANCHOR_END:"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The Rust code a chapter at `md` shows: each ```` ```rust ```` block, its includes resolved
+/// (an unreadable include resolves to nothing: [`check_includes`] reports it), with the line
+/// of the chapter where the block starts.
+fn shown_code(md: &Path, text: &str) -> Vec<(usize, String)> {
+    let dir = md.parent().unwrap();
+    let mut blocks = Vec::new();
+    let mut open: Option<(usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let fence = line.trim_start().starts_with("```");
+        match (&mut open, fence) {
+            (None, true) => {
+                let lang = line.trim_start().trim_start_matches('`').trim();
+                if lang.split(',').next() == Some("rust") {
+                    open = Some((i + 1, String::new()));
+                }
+            }
+            (Some(_), true) => blocks.push(open.take().unwrap()),
+            (Some((_, code)), false) => {
+                let includes = find_includes(line);
+                if includes.is_empty() {
+                    code.push_str(line);
+                    code.push('\n');
+                }
+                for inc in includes {
+                    if let Ok(file) = fs::read_to_string(dir.join(&inc.path)) {
+                        code.push_str(&part_text(&file, &inc.part));
+                    }
+                }
+            }
+            (None, false) => {}
+        }
+    }
+    blocks
+}
+
+/// Rust source with its comments and the contents of its string and character literals
+/// blanked out, so that only code remains to be searched.
+fn code_only(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let mut chars = src.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        out.push('\n');
+                        break;
+                    }
+                }
+            }
+            '"' => {
+                out.push(' ');
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        '\n' => out.push('\n'),
+                        _ => {}
+                    }
+                }
+                out.push(' ');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Paths no user's crate can write: the examples' library, the workspace's test package, the
+/// facade's inner crates under their own names (a user depends on `kron` and reaches them as
+/// `kron::autodiff`, `kron::layers`, `kron::optim`, `kron::data`), and paths relative to a
+/// crate or module of the workspace.
+const UNWRITABLE: [&str; 8] = [
+    "kron_examples",
+    "kron_tests",
+    "kron_autodiff",
+    "kron_layers",
+    "kron_optim",
+    "kron_data",
+    "crate::",
+    "super::",
+];
+
+/// The items a crate's sources under `dir` define at the top level as `pub` (functions, types,
+/// constants): names a user does not have unless a chapter shows their definition.
+fn public_items(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    files.sort();
+    for f in files {
+        for line in fs::read_to_string(&f).unwrap().lines() {
+            for kw in ["fn", "struct", "enum", "const", "type", "static", "trait"] {
+                if let Some(rest) = line.strip_prefix(&format!("pub {kw} ")) {
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+    }
+    names
+}
+
+/// An identifier of some code, with its surroundings.
+struct Ident {
+    /// The last character before it that is not whitespace (`.` for a method or field).
+    before: char,
+    /// The identifier.
+    name: String,
+    /// Whether a single `:` follows it (a parameter, a typed binding, a field).
+    binds: bool,
+}
+
+/// The identifiers of `code`, in order.
+fn identifiers(code: &str) -> Vec<Ident> {
+    let chars: Vec<char> = code.chars().collect();
+    let mut out = Vec::new();
+    let mut prev = ' ';
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_alphanumeric() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            let name: String = chars[start..i].iter().collect();
+            let mut j = i;
+            while j < chars.len() && chars[j].is_whitespace() {
+                j += 1;
+            }
+            let binds = chars.get(j) == Some(&':') && chars.get(j + 1) != Some(&':');
+            if !name.starts_with(|c: char| c.is_ascii_digit()) {
+                out.push(Ident {
+                    before: prev,
+                    name,
+                    binds,
+                });
+            }
+            prev = chars[i - 1];
+            continue;
+        }
+        if !c.is_whitespace() {
+            prev = c;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Every place where a chapter under `src` shows code a user cannot write in a crate of their
+/// own: a path of [`UNWRITABLE`], or one of `private` (the examples' items) used but not
+/// defined in the code the chapter shows. One line each.
+fn check_user_code(src: &Path, private: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for md in markdown_files(src) {
+        let text = fs::read_to_string(&md).unwrap();
+        let blocks: Vec<(usize, String)> = shown_code(&md, &text)
+            .into_iter()
+            .map(|(line, code)| (line, code_only(&code)))
+            .collect();
+        let mut defined = Vec::new();
+        for (_, code) in &blocks {
+            let ids = identifiers(code);
+            for w in ids.windows(2) {
+                if [
+                    "fn", "struct", "enum", "const", "type", "static", "let", "mut",
+                ]
+                .contains(&w[0].name.as_str())
+                {
+                    defined.push(w[1].name.clone());
+                }
+            }
+            defined.extend(ids.into_iter().filter(|i| i.binds).map(|i| i.name));
+        }
+        for (line, code) in &blocks {
+            let at = format!("{}:{line}", md.display());
+            for bad in UNWRITABLE {
+                if code.contains(bad) {
+                    problems.push(format!("{at}: shows `{bad}`"));
+                }
+            }
+            let mut named = Vec::new();
+            for Ident {
+                before, name: id, ..
+            } in identifiers(code)
+            {
+                if before != '.'
+                    && private.contains(&id)
+                    && !defined.contains(&id)
+                    && !named.contains(&id)
+                {
+                    problems.push(format!(
+                        "{at}: uses `{id}`, which the examples define and the chapter does not show"
+                    ));
+                    named.push(id);
+                }
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn every_chapter_shows_code_a_user_can_write() {
+    let src = book_src();
+    let private = public_items(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/src"));
+    assert!(
+        ["mlp", "gather_rows", "Task", "RunSpec"]
+            .iter()
+            .all(|n| private.iter().any(|p| p == n)),
+        "the examples' items were not found: {private:?}"
+    );
+    let problems = check_user_code(&src, &private);
+    assert!(
+        problems.is_empty(),
+        "code a user cannot copy into a crate that depends on kron:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_user_code_check_fails_on_code_from_the_workspace() {
+    let dir = std::env::temp_dir().join(format!("kron-book-user-{}", std::process::id()));
+    let src = dir.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(
+        dir.join("code.rs"),
+        "// ANCHOR: imports\nuse kron_examples::digits_mlp::mlp;\n// ANCHOR_END: imports\n\
+         // ANCHOR: recipe\n    kfac: crate::KFAC_DEFAULT.with_damping(0.1),\n// ANCHOR_END: recipe\n\
+         // ANCHOR: step\nlet xb = gather_rows(&x, &idx); // gather_rows, \"crate::\"\n\
+         let n = x.mlp();\n// ANCHOR_END: step\n\
+         // ANCHOR: own\nfn shift(x: u32) -> u32 { x }\nlet y = shift(1);\n\
+         fn rows(run: &Run) -> usize { run.len() }\n\
+         let s = \"crate:: gather_rows \\\" super::\";\n// ANCHOR_END: own\n",
+    )
+    .unwrap();
+    fs::write(
+        src.join("chapter.md"),
+        "# C\n\n```rust\n{{#include ../code.rs:imports}}\n```\n\n\
+         ```rust\n{{#include ../code.rs:recipe}}\n```\n\n\
+         ```rust\n{{#include ../code.rs:step}}\n```\n\n\
+         ```rust\n{{#include ../code.rs:own}}\n```\n\n\
+         ```text\ncrate::not_code\n```\n\n\
+         ```rust\nlet inline = super::thing();\n```\n",
+    )
+    .unwrap();
+    let private: Vec<String> = ["mlp", "gather_rows", "shift", "run"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let problems = check_user_code(&src, &private);
+    let expect = [
+        (3, "`kron_examples`"),
+        (3, "uses `mlp`"),
+        (7, "`crate::`"),
+        (11, "uses `gather_rows`"),
+        (23, "`super::`"),
+    ];
+    assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+    for (p, (line, what)) in problems.iter().zip(expect) {
+        assert!(
+            p.contains(&format!("chapter.md:{line}:")) && p.contains(what),
+            "expected line {line} to report {what:?}, got {p}"
+        );
+    }
+    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn book_src() -> PathBuf {

@@ -224,10 +224,28 @@ fn mean(v: &[f32]) -> f32 {
     v.iter().sum::<f32>() / v.len() as f32
 }
 
+/// The KFAC chapter's table of defaults gives the precision `KfacConfig::DEFAULT` has: `f32`,
+/// on the CPU as on the GPU.
+#[test]
+fn the_kfac_defaults_table_states_the_default_precision() {
+    use kron::optim::{KfacConfig, Precision};
+    assert_eq!(KfacConfig::DEFAULT.refresh.precision, Precision::F32);
+    let chapter = concat!(env!("CARGO_MANIFEST_DIR"), "/../book/src/kfac.md");
+    let text = std::fs::read_to_string(chapter).unwrap();
+    let row = text
+        .lines()
+        .find(|l| l.contains("`with_precision`"))
+        .expect("a row for the precision");
+    assert!(row.contains("`f32` on every backend"), "{row}");
+}
+
 #[test]
 fn tutorial_training_raises_the_test_accuracy() {
-    let run = digits::train_digits(900);
+    // 20 epochs of 45 batches (1437 examples: 44 of 32 and one of 29).
+    let run = digits::train_digits(20);
     assert_eq!(run.losses.len(), 900);
+    assert_eq!(run.accuracy_by_epoch.len(), 20);
+    assert_eq!(run.accuracy_by_epoch[19], run.accuracy_after);
     // Ten classes: an untrained model is near chance.
     assert!(run.accuracy_before < 0.25, "{}", run.accuracy_before);
     assert!(run.accuracy_after > 0.9, "{}", run.accuracy_after);
