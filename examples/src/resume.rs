@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kron::data::Batches;
+use kron::data::{BatchState, Batches};
 use kron::prelude::*;
 
 /// Where a run reads and writes its checkpoints and weights (`None`: it does not).
@@ -18,16 +18,18 @@ pub struct RunFiles {
 }
 
 /// The data position a checkpoint stores: the batch iterator's state.
-pub fn data_position(batches: &Batches) -> serde_json::Value {
-    serde_json::to_value(batches.state()).expect("a batch position always serializes")
+pub fn data_position(batches: &Batches) -> Option<BatchState> {
+    Some(batches.state())
 }
 
 /// The batch iterator at the position `state` holds, over a dataset of `len` examples; an
 /// error (naming `path`, the checkpoint) if the position is missing, malformed or saved for a
 /// dataset of another size.
 pub fn resume_batches(state: &TrainState, len: usize, path: &Path) -> Result<Batches, String> {
-    let saved = serde_json::from_value(state.data.clone())
-        .map_err(|e| format!("checkpoint {}: no batch position: {e}", path.display()))?;
+    let saved = state
+        .data
+        .clone()
+        .ok_or_else(|| format!("checkpoint {}: no batch position", path.display()))?;
     Batches::resume(saved, len).map_err(|e| format!("checkpoint {}: {e}", path.display()))
 }
 

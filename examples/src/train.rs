@@ -599,7 +599,7 @@ pub fn run_with(
     }
     progress.finish();
     if let Some(path) = &files.save {
-        kron::layers::save(&params, path).map_err(|e| format!("cannot save the weights: {e}"))?;
+        kron::save_weights(path, &params).map_err(|e| format!("cannot save the weights: {e}"))?;
     }
     Ok(RunResult {
         curves,
