@@ -9,7 +9,7 @@ use kron::autodiff::io::read_tensors;
 use kron::autodiff::testing::ScratchDir;
 use kron::prelude::*;
 use kron_examples::example::{Example, cli_main};
-use kron_examples::{convnet, digits_mlp};
+use kron_examples::{autoencoder, convnet, digits_mlp};
 
 /// The example's exit code and what it wrote to standard output and standard error.
 fn cli(ex: &Example, args: &[&str]) -> (u8, String, String) {
@@ -158,6 +158,14 @@ fn digits_kfac_resumes_to_the_bit() {
 #[test]
 fn convnet_kfac_resumes_to_the_bit() {
     resumes_to_the_bit(&convnet::EXAMPLE, "kfac");
+}
+
+/// KFAC as the paper runs it on the autoencoder, with the quadratic model's step sizes and
+/// momentum (two steps an epoch on the fast sizes: the Levenberg-Marquardt rule, every 5 steps,
+/// does not act yet).
+#[test]
+fn autoencoder_kfac_resumes_to_the_bit() {
+    resumes_to_the_bit(&autoencoder::EXAMPLE, "kfac");
 }
 
 /// A resumed run starts where its checkpoint stands (a run that ignored `--resume` would train
