@@ -13,6 +13,9 @@ use crate::error::OptimError;
 use crate::kfac::{KfacBlock, KfacRefreshed};
 use crate::optimizer::{OptimState, Tensor64};
 
+/// Elements per task of the element-wise passes over parameter-sized matrices.
+const CHUNK: usize = 1 << 14;
+
 /// One coarse vector `R` of a layer, in the `W_aug` layout, normalized by its largest entry.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum CoarseVector {
@@ -47,8 +50,15 @@ impl CoarseVector {
                 CoarseVector::Rank1 { u, v }
             }
             CoarseVector::Dense(mut t) => {
-                let m = inf(t.data());
-                scale(t.data_mut(), m);
+                // A parameter-sized matrix: the largest entry and the division run on every
+                // thread (the maximum does not depend on the order).
+                let m = t.data().par_chunks(CHUNK).map(inf).reduce(|| 0.0, f32::max);
+                if m > 0.0 {
+                    t.data_mut()
+                        .par_iter_mut()
+                        .with_min_len(CHUNK)
+                        .for_each(|v| *v /= m);
+                }
                 CoarseVector::Dense(t)
             }
         }
@@ -71,10 +81,11 @@ impl CoarseVector {
     /// `<R, x>` in `f64`.
     fn dot(&self, x: &Tensor) -> f64 {
         match self {
+            // The rows' terms side by side, summed in row order as one thread would.
             CoarseVector::Rank1 { u, v } => x
                 .data()
-                .chunks(v.len())
-                .zip(u)
+                .par_chunks(v.len())
+                .zip(u.par_iter())
                 .map(|(row, &a)| {
                     a as f64
                         * row
@@ -83,6 +94,8 @@ impl CoarseVector {
                             .map(|(&p, &q)| p as f64 * q as f64)
                             .sum::<f64>()
                 })
+                .collect::<Vec<f64>>()
+                .into_iter()
                 .sum(),
             CoarseVector::Dense(t) => crate::curvature::driver::dot(t, x),
         }
@@ -92,18 +105,22 @@ impl CoarseVector {
     fn add_to(&self, x: &mut Tensor, beta: f64) {
         match self {
             CoarseVector::Rank1 { u, v } => {
-                let cols = v.len();
-                for (row, &a) in x.data_mut().chunks_mut(cols).zip(u) {
-                    let s = beta * a as f64;
-                    for (p, &q) in row.iter_mut().zip(v) {
-                        *p += (s * q as f64) as f32;
-                    }
-                }
+                x.data_mut()
+                    .par_chunks_mut(v.len())
+                    .zip(u.par_iter())
+                    .for_each(|(row, &a)| {
+                        let s = beta * a as f64;
+                        for (p, &q) in row.iter_mut().zip(v) {
+                            *p += (s * q as f64) as f32;
+                        }
+                    });
             }
             CoarseVector::Dense(t) => {
-                for (p, &q) in x.data_mut().iter_mut().zip(t.data()) {
-                    *p += (beta * q as f64) as f32;
-                }
+                x.data_mut()
+                    .par_iter_mut()
+                    .zip(t.data().par_iter())
+                    .with_min_len(CHUNK)
+                    .for_each(|(p, &q)| *p += (beta * q as f64) as f32);
             }
         }
     }
@@ -198,10 +215,17 @@ impl Coarse {
                 .precondition(i, x)
                 .ok_or_else(|| format!("block {i} has no preconditioner"))
         };
-        let krylov = |i: usize, r1: CoarseVector| -> Result<Vec<(usize, CoarseVector)>, String> {
-            let (o, a) = dims(i);
-            let r2 = precondition(i, &r1.dense([o, a]))?;
-            Ok(vec![
+        // A first vector and its Krylov partner M_i^-1 r1 (preconditioned before either is
+        // normalized).
+        let krylov = |i: usize, r1: CoarseVector| -> Result<[(usize, CoarseVector); 2], String> {
+            let r2 = match &r1 {
+                CoarseVector::Dense(t) => precondition(i, t)?,
+                rank1 => {
+                    let (o, a) = dims(i);
+                    precondition(i, &rank1.dense([o, a]))?
+                }
+            };
+            Ok([
                 (i, r1.normalized()),
                 (i, CoarseVector::Dense(r2).normalized()),
             ])
@@ -255,15 +279,16 @@ impl Coarse {
                 let u: Vec<&Tensor> = directions.iter().map(|d| d.as_ref().unwrap()).collect();
                 let fu = fisher_product(rows, &u);
                 let mut out = Vec::with_capacity(2 * n);
-                for i in 0..n {
-                    let v = input.gradients[i].unwrap();
-                    // rho = v - F u - lambda u.
-                    let mut rho = v.clone();
-                    for ((r, &f), &x) in
-                        rho.data_mut().iter_mut().zip(fu[i].data()).zip(u[i].data())
-                    {
-                        *r = (*r as f64 - f as f64 - input.lambda * x as f64) as f32;
-                    }
+                for (i, mut rho) in fu.into_iter().enumerate() {
+                    // rho = v - F u - lambda u, written over F u.
+                    let (v, lambda) = (input.gradients[i].unwrap().data(), input.lambda);
+                    rho.data_mut()
+                        .par_iter_mut()
+                        .zip(v.par_iter().zip(u[i].data().par_iter()))
+                        .with_min_len(CHUNK)
+                        .for_each(|(r, (&v, &x))| {
+                            *r = (v as f64 - *r as f64 - lambda * x as f64) as f32;
+                        });
                     let r1 = CoarseVector::Dense(precondition(i, &rho)?);
                     if self.config.krylov {
                         out.extend(krylov(i, r1)?);
