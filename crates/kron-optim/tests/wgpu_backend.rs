@@ -989,9 +989,12 @@ fn batched_read_back_matches_single_reductions_and_f64() {
 /// The count of device read-backs of a KFAC (dense) and KFC (conv) step on wgpu: exactly one on
 /// every step without a refresh (the directions of all blocks and the statistics' finiteness
 /// checks, batched), in the inverse and eigenbasis modes; refresh steps read more (the
-/// statistics' checks before the refresh, then the factorizations).
+/// statistics' checks before the refresh, then the factorizations). The quadratic model's
+/// terms take one more, batched over the blocks: on Levenberg-Marquardt adaptation steps (the
+/// predicted reduction) and on every step of the quadratic-model rule (its Gram matrix).
 #[test]
 fn kfac_step_reads_back_once_outside_refreshes() {
+    use kron_optim::{LevenbergMarquardt, StepRule};
     use std::sync::Arc;
     if gpu().is_none() {
         return;
@@ -1006,17 +1009,27 @@ fn kfac_step_reads_back_once_outside_refreshes() {
             Tensor::randn(&[8, 2, 6, 6], 0.0, 1.0, &mut Rng::new(44)),
         ),
     ];
+    let base = KfacConfig::default()
+        .with_fisher(FisherKind::Empirical)
+        .with_inverse_period(4)
+        .with_conv_stats_period(2);
+    // Read-backs allowed on step i without a refresh.
+    type Allowed = fn(usize) -> u64;
+    let configs: [(KfacConfig, Allowed); 4] = [
+        (base.with_method(InverseMethod::Inverse), |_| 1),
+        (
+            base.with_method(InverseMethod::Eigen(EigenDamping::Factored)),
+            |_| 1,
+        ),
+        (
+            base.with_adaptive_damping(Some(LevenbergMarquardt::DEFAULT)),
+            |i| 1 + u64::from(i % 5 == 0),
+        ),
+        (base.with_step_rule(StepRule::QuadraticModel), |_| 2),
+    ];
     for (make, x) in &inputs {
         let y: Vec<usize> = (0..x.dim(0)).map(|i| (i * 5) % 3).collect();
-        for method in [
-            InverseMethod::Inverse,
-            InverseMethod::Eigen(EigenDamping::Factored),
-        ] {
-            let cfg = KfacConfig::default()
-                .with_fisher(FisherKind::Empirical)
-                .with_method(method)
-                .with_inverse_period(4)
-                .with_conv_stats_period(2);
+        for (cfg, allowed) in configs {
             let be = Arc::new(WgpuBackend::new().expect("adapter"));
             let mut net = make(31);
             let mut kfac = Kfac::with_backend(
@@ -1027,7 +1040,7 @@ fn kfac_step_reads_back_once_outside_refreshes() {
             )
             .unwrap();
             let mut counts = vec![];
-            for _ in 0..10 {
+            for _ in 0..11 {
                 let (g, caps) = backward(&net, &kfac, x, &y);
                 let before = be.read_backs();
                 let r = kfac.step(&mut net.store, &g, &caps).unwrap();
@@ -1039,12 +1052,17 @@ fn kfac_step_reads_back_once_outside_refreshes() {
                 );
             }
             for (i, &(refreshed, n)) in counts.iter().enumerate() {
-                assert_eq!(refreshed, i % 4 == 0, "{method:?} step {i}");
+                assert_eq!(refreshed, i % 4 == 0, "step {i}");
                 if !refreshed {
-                    assert_eq!(n, 1, "{method:?} step {i}: {counts:?}");
+                    assert_eq!(n, allowed(i), "{cfg:?} step {i}: {counts:?}");
                 }
             }
-            println!("{method:?} read-backs per step (refreshed, count): {counts:?}");
+            println!(
+                "{:?} {:?} {:?}: (refreshed, read-backs) per step {counts:?}",
+                cfg.method,
+                cfg.step.rule,
+                cfg.damping.adaptive.is_some()
+            );
         }
     }
 }

@@ -367,15 +367,26 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Whether every element is finite.
     fn is_finite(&self, m: &Mat) -> bool;
 
-    /// `m <- sqrt(m)` elementwise (NaN where an element is negative).
-    fn sqrt(&self, m: &mut Mat);
+    /// `m <- sqrt(m)` elementwise (NaN where an element is negative). The default goes through
+    /// the host in `f32`.
+    fn sqrt(&self, m: &mut Mat) {
+        *m = self.upload(&self.download(m).map(f32::sqrt));
+    }
 
     /// `m <- 1 / (m + eps)` elementwise: the reciprocal with the denominator's epsilon of the
-    /// adaptive first-order rules (`eps = 0` for the plain reciprocal).
-    fn recip(&self, m: &mut Mat, eps: f64);
+    /// adaptive first-order rules (`eps = 0` for the plain reciprocal). The default goes through
+    /// the host in `f32`.
+    fn recip(&self, m: &mut Mat, eps: f64) {
+        let e = eps as f32;
+        *m = self.upload(&self.download(m).map(|x| 1.0 / (x + e)));
+    }
 
-    /// `m <- a ⊙ m`, the elementwise (Hadamard) product.
-    fn mul(&self, a: &Mat, m: &mut Mat);
+    /// `m <- a ⊙ m`, the elementwise (Hadamard) product. The default goes through the host in
+    /// `f32`.
+    fn mul(&self, a: &Mat, m: &mut Mat) {
+        assert_eq!(a.dims(), m.dims(), "Backend::mul: {a:?} vs {m:?}");
+        *m = self.upload(&self.download(a).mul(&self.download(m)));
+    }
 
     /// Copies the matrices `mats` back to the host (as [`Backend::download`] does) and computes
     /// the scalars `scalars` (each as its own primitive does: [`Backend::trace`],

@@ -117,6 +117,15 @@ pub trait CurvatureBlock: Send + Sync {
     /// before any statistics.
     fn bilinear(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> f64;
 
+    /// Two matrices on the backend whose Frobenius inner product is
+    /// [`CurvatureBlock::bilinear`]`(d, e)`, so that the driver reduces every block's term in
+    /// one read-back ([`Backend::read_back`]); `None` (the default) when the block computes its
+    /// form another way, or has no statistics (the form is then 0 or its own).
+    fn bilinear_terms(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> Option<(Mat, Mat)> {
+        let _ = (be, d, e);
+        None
+    }
+
     /// A relative cost of one refresh (for example the sum of the factors' `d^3`), for
     /// assigning blocks to workers.
     fn refresh_cost(&self) -> f64;

@@ -73,6 +73,41 @@ struct BlockUpdate {
     v: Tensor,
 }
 
+/// One block's term `d^T F e` of a quadratic form: the pair of backend matrices whose inner
+/// product it is, reduced with the other blocks' in one read-back, or the value when the block
+/// computes it another way.
+enum Term {
+    Pair(Mat, Mat),
+    Value(f64),
+}
+
+impl Term {
+    fn of<B: CurvatureBlock>(b: &B, be: &dyn Backend, d: &Mat, e: &Mat) -> Term {
+        match b.bilinear_terms(be, d, e) {
+            Some((x, y)) => Term::Pair(x, y),
+            None => Term::Value(b.bilinear(be, d, e)),
+        }
+    }
+
+    /// The terms' values, in order (the pairs' inner products in one read-back).
+    fn values<'a>(be: &dyn Backend, terms: impl Iterator<Item = &'a Term> + Clone) -> Vec<f64> {
+        let pairs: Vec<Reduction<'_>> = terms
+            .clone()
+            .filter_map(|t| match t {
+                Term::Pair(x, y) => Some(Reduction::Dot(x, y)),
+                Term::Value(_) => None,
+            })
+            .collect();
+        let mut dots = be.reductions(&pairs).into_iter();
+        terms
+            .map(|t| match t {
+                Term::Pair(..) => dots.next().expect("a value per pair"),
+                Term::Value(v) => *v,
+            })
+            .collect()
+    }
+}
+
 /// What the statistics stage did with one block.
 enum StatsOutcome {
     /// Nothing was due.
@@ -773,11 +808,12 @@ impl<B: CurvatureBlock> Driver<B> {
         Ok(())
     }
 
-    /// The Gram matrix of `dirs` under the blocks' own curvature (block-diagonal).
+    /// The Gram matrix of `dirs` under the blocks' own curvature (block-diagonal), its terms
+    /// reduced in one read-back.
     fn block_gram(&self, params: &ParamStore, dirs: &[&[Option<Tensor>]]) -> Vec<f64> {
         let be = self.backend.as_ref();
         let k = dirs.len();
-        let mut gram = vec![0.0f64; k * k];
+        let mut terms = Vec::new();
         for b in &self.blocks {
             let info = b.layout();
             let wshape = params.get(info.weight).shape();
@@ -797,20 +833,25 @@ impl<B: CurvatureBlock> Driver<B> {
             for i in 0..k {
                 for j in i..k {
                     if let (Some(x), Some(y)) = (&joined[i], &joined[j]) {
-                        let v = b.bilinear(be, x, y);
-                        gram[i * k + j] += v;
-                        if i != j {
-                            gram[j * k + i] += v;
-                        }
+                        terms.push(((i, j), Term::of(b, be, x, y)));
                     }
                 }
+            }
+        }
+        let values = Term::values(be, terms.iter().map(|(_, t)| t));
+        let mut gram = vec![0.0f64; k * k];
+        for (((i, j), _), v) in terms.iter().zip(values) {
+            gram[i * k + j] += v;
+            if i != j {
+                gram[j * k + i] += v;
             }
         }
         gram
     }
 
     /// `M(δ) - M(0) = ∇h^T δ + 1/2 δ^T (F + λ I) δ` for the step just taken (`δ = new - old`),
-    /// with `F` the blocks' block-diagonal curvature (zero outside blocks).
+    /// with `F` the blocks' block-diagonal curvature (zero outside blocks), its block terms
+    /// reduced in one read-back.
     fn predicted_change(&self, old: &ParamStore, new: &ParamStore, grads: &Gradients) -> f64 {
         let be = self.backend.as_ref();
         let delta = |id: ParamId| new.get(id).sub(old.get(id));
@@ -821,7 +862,7 @@ impl<B: CurvatureBlock> Driver<B> {
             lin += dot(g, &d);
             sq += dot(&d, &d);
         }
-        let quad: f64 = self
+        let terms: Vec<Term> = self
             .blocks
             .iter()
             .map(|b| {
@@ -829,9 +870,10 @@ impl<B: CurvatureBlock> Driver<B> {
                 let dw = delta(info.weight);
                 let db = info.bias.map(delta);
                 let d = be.upload(&info.join(&dw, db.as_ref()));
-                b.bilinear(be, &d, &d)
+                Term::of(b, be, &d, &d)
             })
-            .sum();
+            .collect();
+        let quad: f64 = Term::values(be, terms.iter()).into_iter().sum();
         lin + 0.5 * (quad + self.damping as f64 * sq)
     }
 

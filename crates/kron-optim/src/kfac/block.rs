@@ -272,12 +272,19 @@ impl CurvatureBlock for KfacBlock {
 
     /// `tr(D^T G E A)` (zero before any statistics).
     fn bilinear(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> f64 {
-        let (Some(a), Some(g)) = (&self.a, &self.g) else {
-            return 0.0;
-        };
-        let gd = be.gemm(1.0, g, false, d, false);
-        let ea = be.gemm(1.0, e, false, a, false);
-        be.dot(&gd, &ea)
+        match self.bilinear_terms(be, d, e) {
+            Some((gd, ea)) => be.dot(&gd, &ea),
+            None => 0.0,
+        }
+    }
+
+    /// `G D` and `E A`.
+    fn bilinear_terms(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> Option<(Mat, Mat)> {
+        let (a, g) = (self.a.as_ref()?, self.g.as_ref()?);
+        Some((
+            be.gemm(1.0, g, false, d, false),
+            be.gemm(1.0, e, false, a, false),
+        ))
     }
 
     fn refresh_cost(&self) -> f64 {
