@@ -9,7 +9,7 @@ mod common;
 use common::{Net, add_diag, convnet, forgetful, kron, mat64, mlp, solve, trace};
 use kron_layers::{Dense, Module, Sequential};
 use kron_optim::backend::{Eigh, Inverse, LinalgError, Mat};
-use kron_optim::curvature::{Kept, StatsSkip};
+use kron_optim::curvature::{CurvatureBlock, Kept, StatsSkip};
 use kron_optim::{
     Backend, Captures, CpuBackend, CurvatureProducts, EigenDamping, FisherKind, InverseMethod,
     Kfac, KfacConfig, Note, OptimError, Optimizer, Precision, StepReport, StepRule, TapeCurvature,
@@ -411,6 +411,48 @@ impl Backend for Flaky {
     }
     fn inv_root(&self, m: &Mat, p: u32, d: f32) -> Result<Mat, LinalgError> {
         self.inner.inv_root(m, p, d)
+    }
+}
+
+/// Finite captures whose factor products overflow: the block keeps the factors it had and the
+/// report says why, whether the overflow is checked before a refresh or with the directions
+/// (steps without a refresh check it there, in the step's one read-back).
+#[test]
+fn overflowing_statistics_are_undone_before_and_without_a_refresh() {
+    let mut net = mlp(9);
+    let cfg = empirical(KfacConfig::default()).with_inverse_period(2);
+    let mut kfac = Kfac::new(&net.model, &net.store, cfg).unwrap();
+    let x = Tensor::randn(&[4, 3], 0.0, 1.0, &mut Rng::new(1));
+    let y = vec![0, 1, 0, 1];
+    let (g, caps) = backward(&net, &kfac, &x, &y);
+    kfac.step(&mut net.store, &g, &caps).unwrap();
+    let mut huge = caps.clone();
+    let first = *huge.keys().next().unwrap();
+    huge.get_mut(&first)
+        .unwrap()
+        .a
+        .data_mut()
+        .iter_mut()
+        .for_each(|v| *v = 1e30);
+    // Step 1 refreshes nothing, step 2 refreshes.
+    for step in [1, 2] {
+        let (fa, fg) = kfac.factors("0").unwrap();
+        let updates = |k: &Kfac| k.driver().block("0").unwrap().updates();
+        let before = updates(&kfac);
+        let report = kfac.step(&mut net.store, &g, &huge).unwrap();
+        assert_eq!(report.refreshed, step == 2);
+        assert!(
+            report.notes.iter().any(|n| matches!(
+                n,
+                Note::StatsSkipped { block, reason: StatsSkip::Overflow } if block == "0"
+            )),
+            "step {step}: {:?}",
+            report.notes
+        );
+        assert!(report.stats_updated, "the other block took its capture");
+        assert_eq!(kfac.factors("0").unwrap(), (fa, fg), "step {step}");
+        assert_eq!(updates(&kfac), before, "step {step}");
+        assert!(net.store.iter().all(|(_, _, t)| t.all_finite()));
     }
 }
 

@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use kron_autodiff::{Gradients, ParamStore, Rng, Tape, Tensor};
 use kron_layers::{Activation, Conv2dConfig, Dense, Flatten, Module, Sequential};
-use kron_optim::backend::{DeviceError, IterationConfig, LinalgError, Mat, WgpuBackend};
+use kron_optim::backend::{DeviceError, IterationConfig, LinalgError, Mat, Reduction, WgpuBackend};
 use kron_optim::{
     Backend, Captures, CpuBackend, EigenDamping, FisherKind, InverseMethod, Kfac, KfacConfig, Note,
     Optimizer, Precision,
@@ -805,6 +805,264 @@ fn shampoo_and_kradagrad_on_wgpu_match_cpu() {
             let (g, w) = (runs[0].get(id), runs[1].get(id));
             let tol = 2e-4 * (1.0 + max_abs(w));
             close(g, w, tol, &format!("{name}: {}", runs[0].name(id)));
+        }
+    }
+}
+
+/// `f64` copies of a host matrix's elements.
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.data().iter().map(|&v| v as f64).collect()
+}
+
+/// The diagonal grafts' elementwise primitives on odd sizes: square root, reciprocal with and
+/// without epsilon, and the elementwise product, on wgpu and the CPU backend (`f32`, which rounds
+/// once per element as the kernel does: equal to the bit or within one ulp) and against the
+/// dense `f64` reference of the same inputs; the CPU backend's `f64` matrices against it too.
+#[test]
+fn graft_elementwise_primitives_match_cpu_and_f64() {
+    let Some(be) = gpu() else { return };
+    let (c, c64) = (cpu(), cpu64());
+    for (r, cols) in [(1, 1), (7, 5), (33, 129), (300, 257)] {
+        // Non-negative for the root; away from -eps for the reciprocal.
+        let x = randn(r, cols, 50).map(|v| v * v + 0.1);
+        let y = randn(r, cols, 51);
+        let (xs, ys) = (f64s(&x), f64s(&y));
+        type Op<'a> = (&'a str, &'a dyn Fn(&dyn Backend, &mut Mat, &Mat), Vec<f64>);
+        let ops: [Op<'_>; 4] = [
+            (
+                "sqrt",
+                &|b, m, _| b.sqrt(m),
+                xs.iter().map(|v| v.sqrt()).collect(),
+            ),
+            (
+                "recip",
+                &|b, m, _| b.recip(m, 0.0),
+                xs.iter().map(|v| 1.0 / v).collect(),
+            ),
+            (
+                "recip eps",
+                &|b, m, _| b.recip(m, 1e-3),
+                xs.iter().map(|v| 1.0 / (v + 1e-3)).collect(),
+            ),
+            (
+                "mul",
+                &|b, m, o| b.mul(o, m),
+                xs.iter().zip(&ys).map(|(a, b)| a * b).collect(),
+            ),
+        ];
+        for (what, op, want) in ops {
+            let run = |b: &dyn Backend| {
+                let mut m = b.upload(&x);
+                op(b, &mut m, &b.upload(&y));
+                b.download(&m)
+            };
+            let (g, w, w64) = (run(be), run(&c), run(&c64));
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())) as f32;
+            close(
+                &g,
+                &w,
+                3.6e-7 * scale,
+                &format!("{what} {r}x{cols} wgpu vs cpu"),
+            );
+            let reference = Tensor::from_vec(want.iter().map(|&v| v as f32).collect(), &[r, cols]);
+            close(
+                &g,
+                &reference,
+                3.6e-7 * scale,
+                &format!("{what} wgpu vs f64"),
+            );
+            close(
+                &w64,
+                &reference,
+                3.6e-7 * scale,
+                &format!("{what} cpu f64 vs f64"),
+            );
+        }
+    }
+    // A negative element's root is NaN on both.
+    let neg = Tensor::from_vec(vec![-1.0, 4.0], &[1, 2]);
+    for b in [be as &dyn Backend, &c] {
+        let mut m = b.upload(&neg);
+        b.sqrt(&mut m);
+        let t = b.download(&m);
+        assert!(t.data()[0].is_nan() && t.data()[1] == 2.0, "{}", b.name());
+    }
+}
+
+/// One batched read-back of matrices and scalars: the matrices equal their downloads, the
+/// scalars equal the single primitives (wgpu: to the bit, the same kernels; CPU: exactly) and
+/// the dense `f64` references (traces of square and non-square matrices, inner products of
+/// transposed products, squared norms, non-finite flags), and the whole batch costs the wgpu
+/// backend one read-back.
+#[test]
+fn batched_read_back_matches_single_reductions_and_f64() {
+    if gpu().is_none() {
+        return;
+    }
+    // A device of its own: the shared one counts the read-backs of tests running beside it.
+    let own = WgpuBackend::new().expect("adapter");
+    let be = &own;
+    let c = cpu();
+    let shapes = [(1, 1), (17, 5), (5, 17), (64, 64), (300, 257)];
+    let xs: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(r, k))| randn(r, k, 60 + i as u64))
+        .collect();
+    let ys: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(r, k))| randn(r, k, 70 + i as u64))
+        .collect();
+    // A product with a transpose on the device: x^T x (square), compared as such.
+    let mut bad = randn(9, 4, 80);
+    bad.data_mut()[35] = f32::INFINITY;
+    for (b, on_gpu) in [(be as &dyn Backend, true), (&c, false)] {
+        let gx: Vec<Mat> = xs.iter().map(|t| b.upload(t)).collect();
+        let gy: Vec<Mat> = ys.iter().map(|t| b.upload(t)).collect();
+        let gram: Vec<Mat> = gx.iter().map(|m| b.gemm(1.0, m, true, m, false)).collect();
+        let gbad = b.upload(&bad);
+        let mut scalars = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..shapes.len() {
+            let (x, y) = (f64s(&xs[i]), f64s(&ys[i]));
+            let (r, k) = shapes[i];
+            scalars.push(Reduction::Trace(&gx[i]));
+            want.push((0..r.min(k)).map(|j| x[j * k + j]).sum::<f64>());
+            scalars.push(Reduction::Dot(&gx[i], &gy[i]));
+            want.push(x.iter().zip(&y).map(|(a, b)| a * b).sum());
+            scalars.push(Reduction::SquaredNorm(&gy[i]));
+            want.push(y.iter().map(|a| a * a).sum());
+            // tr(x^T x) = |x|^2, through a device product with a transpose.
+            scalars.push(Reduction::Trace(&gram[i]));
+            want.push(x.iter().map(|a| a * a).sum());
+            scalars.push(Reduction::NonFinite(&gx[i]));
+            want.push(0.0);
+        }
+        scalars.push(Reduction::NonFinite(&gbad));
+        want.push(1.0);
+        let mats: Vec<&Mat> = gx.iter().chain(&gram).collect();
+        let before = be.read_backs();
+        let (tensors, values) = b.read_back(&mats, &scalars);
+        if on_gpu {
+            assert_eq!(
+                be.read_backs() - before,
+                1,
+                "one read-back for the whole batch"
+            );
+        }
+        assert_eq!(tensors.len(), mats.len());
+        for (t, m) in tensors.iter().zip(&mats) {
+            assert_eq!(t, &b.download(m), "{}: batched matrix = download", b.name());
+        }
+        for (i, t) in xs.iter().enumerate() {
+            assert_eq!(&tensors[i], t, "uploaded matrices come back unchanged");
+        }
+        assert_eq!(values.len(), scalars.len());
+        for ((got, want), r) in values.iter().zip(&want).zip(&scalars) {
+            let single = match *r {
+                Reduction::Trace(m) => b.trace(m),
+                Reduction::Dot(p, q) => b.dot(p, q),
+                Reduction::SquaredNorm(m) => b.dot(m, m),
+                Reduction::NonFinite(m) => f64::from(u8::from(!b.is_finite(m))),
+            };
+            assert_eq!(
+                got.to_bits(),
+                single.to_bits(),
+                "{}: batched {r:?} = single",
+                b.name()
+            );
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{}: {r:?}: {got} vs f64 {want}",
+                b.name()
+            );
+        }
+        // Nothing to read: no read-back.
+        let before = be.read_backs();
+        let (t, v) = b.read_back(&[], &[]);
+        assert!(t.is_empty() && v.is_empty());
+        assert_eq!(be.read_backs(), before);
+    }
+}
+
+/// The count of device read-backs of a KFAC (dense) and KFC (conv) step on wgpu: exactly one on
+/// every step without a refresh (the directions of all blocks and the statistics' finiteness
+/// checks, batched), in the inverse and eigenbasis modes; refresh steps read more (the
+/// statistics' checks before the refresh, then the factorizations). The quadratic model's
+/// terms take one more, batched over the blocks: on Levenberg-Marquardt adaptation steps (the
+/// predicted reduction) and on every step of the quadratic-model rule (its Gram matrix).
+#[test]
+fn kfac_step_reads_back_once_outside_refreshes() {
+    use kron_optim::{LevenbergMarquardt, StepRule};
+    use std::sync::Arc;
+    if gpu().is_none() {
+        return;
+    }
+    let inputs = [
+        (
+            mlp as fn(u64) -> Net,
+            Tensor::randn(&[32, 6], 0.0, 1.0, &mut Rng::new(43)),
+        ),
+        (
+            convnet as fn(u64) -> Net,
+            Tensor::randn(&[8, 2, 6, 6], 0.0, 1.0, &mut Rng::new(44)),
+        ),
+    ];
+    let base = KfacConfig::default()
+        .with_fisher(FisherKind::Empirical)
+        .with_inverse_period(4)
+        .with_conv_stats_period(2);
+    // Read-backs allowed on step i without a refresh.
+    type Allowed = fn(usize) -> u64;
+    let configs: [(KfacConfig, Allowed); 4] = [
+        (base.with_method(InverseMethod::Inverse), |_| 1),
+        (
+            base.with_method(InverseMethod::Eigen(EigenDamping::Factored)),
+            |_| 1,
+        ),
+        (
+            base.with_adaptive_damping(Some(LevenbergMarquardt::DEFAULT)),
+            |i| 1 + u64::from(i % 5 == 0),
+        ),
+        (base.with_step_rule(StepRule::QuadraticModel), |_| 2),
+    ];
+    for (make, x) in &inputs {
+        let y: Vec<usize> = (0..x.dim(0)).map(|i| (i * 5) % 3).collect();
+        for (cfg, allowed) in configs {
+            let be = Arc::new(WgpuBackend::new().expect("adapter"));
+            let mut net = make(31);
+            let mut kfac = Kfac::with_backend(
+                net.model.fisher_blocks(),
+                &net.store,
+                cfg,
+                Box::new(be.clone()),
+            )
+            .unwrap();
+            let mut counts = vec![];
+            for _ in 0..11 {
+                let (g, caps) = backward(&net, &kfac, x, &y);
+                let before = be.read_backs();
+                let r = kfac.step(&mut net.store, &g, &caps).unwrap();
+                counts.push((r.refreshed, be.read_backs() - before));
+                assert!(
+                    r.notes
+                        .iter()
+                        .all(|n| !matches!(n, Note::StatsSkipped { .. }))
+                );
+            }
+            for (i, &(refreshed, n)) in counts.iter().enumerate() {
+                assert_eq!(refreshed, i % 4 == 0, "step {i}");
+                if !refreshed {
+                    assert_eq!(n, allowed(i), "{cfg:?} step {i}: {counts:?}");
+                }
+            }
+            println!(
+                "{:?} {:?} {:?}: (refreshed, read-backs) per step {counts:?}",
+                cfg.method,
+                cfg.step.rule,
+                cfg.damping.adaptive.is_some()
+            );
         }
     }
 }

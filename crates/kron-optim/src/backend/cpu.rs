@@ -134,6 +134,17 @@ macro_rules! each_mut {
     };
 }
 
+/// Applies `f32_op` or `f64_op` to every element of a host matrix, in its own precision (so an
+/// `f32` matrix rounds once per element, as a GPU kernel does).
+fn elementwise(m: &mut Mat, f32_op: impl Fn(f32) -> f32, f64_op: impl Fn(f64) -> f64) {
+    match &mut m.store {
+        Store::F32(t) => t.data_mut().iter_mut().for_each(|x| *x = f32_op(*x)),
+        Store::F64(d) => d.iter_mut().for_each(|x| *x = f64_op(*x)),
+        #[cfg(feature = "wgpu")]
+        Store::Gpu(_) => foreign(),
+    }
+}
+
 impl CpuBackend {
     fn make(&self, rows: usize, cols: usize, data: Vec<f64>) -> Mat {
         let store = match self.precision {
@@ -408,6 +419,38 @@ impl Backend for CpuBackend {
                 .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite())),
             #[cfg(feature = "wgpu")]
             Store::Gpu(_) => foreign(),
+        }
+    }
+
+    fn sqrt(&self, m: &mut Mat) {
+        elementwise(m, f32::sqrt, f64::sqrt);
+    }
+
+    fn recip(&self, m: &mut Mat, eps: f64) {
+        let e32 = eps as f32;
+        elementwise(m, |x| 1.0 / (x + e32), |x| 1.0 / (x + eps));
+    }
+
+    fn mul(&self, a: &Mat, m: &mut Mat) {
+        assert_eq!(a.dims(), m.dims(), "Backend::mul: {a:?} vs {m:?}");
+        match (&a.store, &mut m.store) {
+            (Store::F32(x), Store::F32(y)) => {
+                for (yv, xv) in y.data_mut().iter_mut().zip(x.data()) {
+                    *yv *= xv;
+                }
+            }
+            (_, Store::F64(y)) => {
+                for (yv, xv) in y.iter_mut().zip(as_f64(a)) {
+                    *yv *= xv;
+                }
+            }
+            (_, Store::F32(y)) => {
+                for (yv, xv) in y.data_mut().iter_mut().zip(as_f64(a)) {
+                    *yv = (*yv as f64 * xv) as f32;
+                }
+            }
+            #[cfg(feature = "wgpu")]
+            _ => foreign(),
         }
     }
 

@@ -300,6 +300,20 @@ impl Ridge {
     }
 }
 
+/// A scalar that [`Backend::read_back`] (and [`Backend::reductions`]) computes on the backend,
+/// so that many of them travel back to the host together.
+#[derive(Clone, Copy, Debug)]
+pub enum Reduction<'a> {
+    /// The trace ([`Backend::trace`]).
+    Trace(&'a Mat),
+    /// The Frobenius inner product `sum_ij a_ij b_ij` ([`Backend::dot`]).
+    Dot(&'a Mat, &'a Mat),
+    /// The squared Frobenius norm `sum_ij m_ij^2` (the inner product of `m` with itself).
+    SquaredNorm(&'a Mat),
+    /// 1 when some element is NaN or infinite, 0 when [`Backend::is_finite`] holds.
+    NonFinite(&'a Mat),
+}
+
 /// Matrix primitives for the optimizers' math. Object-safe: optimizers hold a
 /// `Box<dyn Backend>` chosen at run time.
 pub trait Backend: Send + Sync + fmt::Debug {
@@ -352,6 +366,51 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Whether every element is finite.
     fn is_finite(&self, m: &Mat) -> bool;
+
+    /// `m <- sqrt(m)` elementwise (NaN where an element is negative). The default goes through
+    /// the host in `f32`.
+    fn sqrt(&self, m: &mut Mat) {
+        *m = self.upload(&self.download(m).map(f32::sqrt));
+    }
+
+    /// `m <- 1 / (m + eps)` elementwise: the reciprocal with the denominator's epsilon of the
+    /// adaptive first-order rules (`eps = 0` for the plain reciprocal). The default goes through
+    /// the host in `f32`.
+    fn recip(&self, m: &mut Mat, eps: f64) {
+        let e = eps as f32;
+        *m = self.upload(&self.download(m).map(|x| 1.0 / (x + e)));
+    }
+
+    /// `m <- a ⊙ m`, the elementwise (Hadamard) product. The default goes through the host in
+    /// `f32`.
+    fn mul(&self, a: &Mat, m: &mut Mat) {
+        assert_eq!(a.dims(), m.dims(), "Backend::mul: {a:?} vs {m:?}");
+        *m = self.upload(&self.download(a).mul(&self.download(m)));
+    }
+
+    /// Copies the matrices `mats` back to the host (as [`Backend::download`] does) and computes
+    /// the scalars `scalars` (each as its own primitive does: [`Backend::trace`],
+    /// [`Backend::dot`], ...), in one read-back from the device: a step that needs several
+    /// blocks' results waits on the device once, not once per block. The default reads each on
+    /// its own (right for host backends, where a read-back is free).
+    fn read_back(&self, mats: &[&Mat], scalars: &[Reduction<'_>]) -> (Vec<Tensor>, Vec<f64>) {
+        let t = mats.iter().map(|m| self.download(m)).collect();
+        let s = scalars
+            .iter()
+            .map(|r| match *r {
+                Reduction::Trace(m) => self.trace(m),
+                Reduction::Dot(a, b) => self.dot(a, b),
+                Reduction::SquaredNorm(m) => self.dot(m, m),
+                Reduction::NonFinite(m) => f64::from(u8::from(!self.is_finite(m))),
+            })
+            .collect();
+        (t, s)
+    }
+
+    /// The scalars `scalars` in one read-back ([`Backend::read_back`] without matrices).
+    fn reductions(&self, scalars: &[Reduction<'_>]) -> Vec<f64> {
+        self.read_back(&[], scalars).1
+    }
 
     /// `(m + damping I)^-1` for a symmetric positive semi-definite `m`.
     fn spd_inverse(&self, m: &Mat, damping: f32) -> Result<Inverse, LinalgError>;
@@ -480,6 +539,21 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn is_finite(&self, m: &Mat) -> bool {
         (**self).is_finite(m)
+    }
+    fn sqrt(&self, m: &mut Mat) {
+        (**self).sqrt(m)
+    }
+    fn recip(&self, m: &mut Mat, eps: f64) {
+        (**self).recip(m, eps)
+    }
+    fn mul(&self, a: &Mat, m: &mut Mat) {
+        (**self).mul(a, m)
+    }
+    fn read_back(&self, mats: &[&Mat], scalars: &[Reduction<'_>]) -> (Vec<Tensor>, Vec<f64>) {
+        (**self).read_back(mats, scalars)
+    }
+    fn reductions(&self, scalars: &[Reduction<'_>]) -> Vec<f64> {
+        (**self).reductions(scalars)
     }
     fn spd_inverse(&self, m: &Mat, damping: f32) -> Result<Inverse, LinalgError> {
         (**self).spd_inverse(m, damping)

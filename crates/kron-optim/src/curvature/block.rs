@@ -67,11 +67,31 @@ pub trait CurvatureBlock: Send + Sync {
     fn has_statistics(&self) -> bool;
 
     /// Folds one step's input into the statistics. On `Err` nothing has changed.
+    ///
+    /// A block may leave the check that the new statistics are finite to the driver (so that a
+    /// GPU step reads every block's verdict back at once, with the directions): it keeps what it
+    /// had, lists the new matrices in [`CurvatureBlock::unchecked_statistics`], and the driver
+    /// calls [`CurvatureBlock::settle_statistics`] with the verdict before the statistics are
+    /// read (by a refresh, a correction or the quadratic model) and before the next update.
     fn update_statistics(
         &mut self,
         be: &dyn Backend,
         input: &StatsInput<'_>,
     ) -> Result<(), StatsSkip>;
+
+    /// The statistics the last update wrote that the driver must check for NaN and infinity
+    /// (none, the default, for a block that checks its own).
+    fn unchecked_statistics(&self) -> Vec<&Mat> {
+        Vec::new()
+    }
+
+    /// The driver's verdict on [`CurvatureBlock::unchecked_statistics`]: when `finite`, the
+    /// update stands; otherwise the block takes back the statistics it had before it and says
+    /// why ([`StatsSkip::Overflow`]). The default (for blocks that check their own) accepts.
+    fn settle_statistics(&mut self, finite: bool) -> Result<(), StatsSkip> {
+        let _ = finite;
+        Ok(())
+    }
 
     /// Computes the refreshed result at damping `damping` (the configured λ times the
     /// failure policy's boost), reading the statistics only.
@@ -96,6 +116,15 @@ pub trait CurvatureBlock: Send + Sync {
     /// (the quadratic model of Levenberg-Marquardt damping and the quadratic-model step); 0
     /// before any statistics.
     fn bilinear(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> f64;
+
+    /// Two matrices on the backend whose Frobenius inner product is
+    /// [`CurvatureBlock::bilinear`]`(d, e)`, so that the driver reduces every block's term in
+    /// one read-back ([`Backend::read_back`]); `None` (the default) when the block computes its
+    /// form another way, or has no statistics (the form is then 0 or its own).
+    fn bilinear_terms(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> Option<(Mat, Mat)> {
+        let _ = (be, d, e);
+        None
+    }
 
     /// A relative cost of one refresh (for example the sum of the factors' `d^3`), for
     /// assigning blocks to workers.

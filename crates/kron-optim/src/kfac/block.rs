@@ -41,6 +41,9 @@ pub struct KfacBlock {
     a: Option<Mat>,
     g: Option<Mat>,
     updates: u64,
+    /// The factors from before the last update, until the driver's finiteness check settles
+    /// it.
+    before: Option<(Option<Mat>, Option<Mat>)>,
 }
 
 /// The π rule: `sqrt((tr(A)/dim A) / (tr(G)/dim G))`, 1 when either trace vanishes.
@@ -69,6 +72,7 @@ impl KfacBlock {
             a: None,
             g: None,
             updates: 0,
+            before: None,
         }
     }
 
@@ -157,13 +161,34 @@ impl CurvatureBlock for KfacBlock {
             (1.0 - decay) / (examples * cap.locations) as f32,
             decay,
         );
-        if !be.is_finite(&a) || !be.is_finite(&g) {
-            return Err(StatsSkip::Overflow);
-        }
-        self.a = Some(a);
-        self.g = Some(g);
+        // The driver checks the new factors for overflow (every block's at once) and settles.
+        assert!(
+            self.before.is_none(),
+            "KfacBlock::update_statistics: {}: the last update was never settled",
+            self.info.path
+        );
+        self.before = Some((self.a.replace(a), self.g.replace(g)));
         self.updates += 1;
         Ok(())
+    }
+
+    fn unchecked_statistics(&self) -> Vec<&Mat> {
+        match (&self.before, &self.a, &self.g) {
+            (Some(_), Some(a), Some(g)) => vec![a, g],
+            _ => Vec::new(),
+        }
+    }
+
+    fn settle_statistics(&mut self, finite: bool) -> Result<(), StatsSkip> {
+        let Some((a, g)) = self.before.take() else {
+            return Ok(());
+        };
+        if finite {
+            return Ok(());
+        }
+        (self.a, self.g) = (a, g);
+        self.updates -= 1;
+        Err(StatsSkip::Overflow)
     }
 
     fn refresh(
@@ -247,12 +272,19 @@ impl CurvatureBlock for KfacBlock {
 
     /// `tr(D^T G E A)` (zero before any statistics).
     fn bilinear(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> f64 {
-        let (Some(a), Some(g)) = (&self.a, &self.g) else {
-            return 0.0;
-        };
-        let gd = be.gemm(1.0, g, false, d, false);
-        let ea = be.gemm(1.0, e, false, a, false);
-        be.dot(&gd, &ea)
+        match self.bilinear_terms(be, d, e) {
+            Some((gd, ea)) => be.dot(&gd, &ea),
+            None => 0.0,
+        }
+    }
+
+    /// `G D` and `E A`.
+    fn bilinear_terms(&self, be: &dyn Backend, d: &Mat, e: &Mat) -> Option<(Mat, Mat)> {
+        let (a, g) = (self.a.as_ref()?, self.g.as_ref()?);
+        Some((
+            be.gemm(1.0, g, false, d, false),
+            be.gemm(1.0, e, false, a, false),
+        ))
     }
 
     fn refresh_cost(&self) -> f64 {

@@ -20,7 +20,9 @@ use kron_autodiff::Tensor;
 use wgpu::util::DeviceExt;
 
 use super::iterate::{self, IterationConfig, IterationReport};
-use super::{Backend, DeviceError, Eigh, Inverse, LinalgError, Mat, Precision, Store, linalg};
+use super::{
+    Backend, DeviceError, Eigh, Inverse, LinalgError, Mat, Precision, Reduction, Store, linalg,
+};
 
 /// Dispatches recorded before the pending encoder is submitted even without a read-back.
 const FLUSH_EVERY: usize = 64;
@@ -49,14 +51,16 @@ enum Kernel {
     Affine,
     DivOuter,
     Reduce,
+    Elementwise,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 4] = [
+    const ALL: [Kernel; 5] = [
         Kernel::Gemm,
         Kernel::Affine,
         Kernel::DivOuter,
         Kernel::Reduce,
+        Kernel::Elementwise,
     ];
 
     fn source(self) -> &'static str {
@@ -65,6 +69,7 @@ impl Kernel {
             Kernel::Affine => include_str!("shaders/affine.wgsl"),
             Kernel::DivOuter => include_str!("shaders/div_outer.wgsl"),
             Kernel::Reduce => include_str!("shaders/reduce.wgsl"),
+            Kernel::Elementwise => include_str!("shaders/elementwise.wgsl"),
         }
     }
 
@@ -74,6 +79,7 @@ impl Kernel {
             Kernel::Affine => "kron affine",
             Kernel::DivOuter => "kron div_outer",
             Kernel::Reduce => "kron reduce",
+            Kernel::Elementwise => "kron elementwise",
         }
     }
 }
@@ -108,9 +114,10 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     id: u64,
-    pipelines: [OnceLock<Pipeline>; 4],
+    pipelines: [OnceLock<Pipeline>; 5],
     pending: Mutex<Pending>,
     iteration: IterationConfig,
+    read_backs: AtomicU64,
 }
 
 impl fmt::Debug for WgpuBackend {
@@ -222,6 +229,7 @@ impl WgpuBackend {
             pipelines: Default::default(),
             pending: Mutex::new(Pending::default()),
             iteration: IterationConfig::default(),
+            read_backs: AtomicU64::new(0),
         })
     }
 
@@ -249,6 +257,15 @@ impl WgpuBackend {
     /// The queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
+    }
+
+    /// How many times this backend has waited on the device to read results back (a
+    /// [`Backend::download`], a scalar such as [`Backend::dot`], or one batched
+    /// [`Backend::read_back`] of many matrices and scalars: one each), since it was opened.
+    /// Uploads are not read-backs. For tests and profiling of how often a step stalls on the
+    /// device.
+    pub fn read_backs(&self) -> u64 {
+        self.read_backs.load(Ordering::Relaxed)
     }
 
     /// Submits recorded work and waits until the device is idle (for timing).
@@ -391,13 +408,22 @@ impl WgpuBackend {
 
     /// Reads the first `len` floats of a buffer back to the host (submitting pending work).
     fn read(&self, buf: &wgpu::Buffer, len: usize) -> Vec<f32> {
-        if len == 0 {
-            return Vec::new();
+        self.read_many(&[(buf, len)])
+            .pop()
+            .expect("one segment read")
+    }
+
+    /// Reads the first `len` floats of each buffer back to the host through one staging buffer:
+    /// one submission, one wait on the device (counted in [`WgpuBackend::read_backs`]; nothing
+    /// is read, or counted, when every length is 0).
+    fn read_many(&self, segments: &[(&wgpu::Buffer, usize)]) -> Vec<Vec<f32>> {
+        let total: usize = segments.iter().map(|&(_, n)| n).sum();
+        if total == 0 {
+            return vec![Vec::new(); segments.len()];
         }
-        let bytes = (len * 4) as u64;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kron readback"),
-            size: bytes,
+            size: (total * 4) as u64,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -411,9 +437,17 @@ impl WgpuBackend {
                 .take()
                 .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
             pending.dispatches = 0;
-            enc.copy_buffer_to_buffer(buf, 0, &staging, 0, bytes);
+            let mut at = 0u64;
+            for &(buf, n) in segments {
+                let bytes = (n * 4) as u64;
+                if bytes > 0 {
+                    enc.copy_buffer_to_buffer(buf, 0, &staging, at, bytes);
+                }
+                at += bytes;
+            }
             self.queue.submit([enc.finish()]);
         }
+        self.read_backs.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         let slice = staging.slice(..);
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -427,8 +461,17 @@ impl WgpuBackend {
             .expect("WgpuBackend: mapping a read-back buffer failed");
         let out = {
             let view = slice.get_mapped_range().expect("WgpuBackend: mapped range");
-            view.chunks_exact(4)
+            let all: Vec<f32> = view
+                .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let mut at = 0;
+            segments
+                .iter()
+                .map(|&(_, n)| {
+                    at += n;
+                    all[at - n..at].to_vec()
+                })
                 .collect()
         };
         staging.unmap();
@@ -528,42 +571,66 @@ impl WgpuBackend {
         self.wrap(x.rows, x.cols, out)
     }
 
-    /// A reduction over `len` elements read at `stride` (see `reduce.wgsl` for `mode`), read
-    /// back as one number.
-    fn reduce(
+    /// Records a reduction over `len` elements read at `stride` (see `reduce.wgsl` for `mode`)
+    /// whose result lands in element `at` of `out` (left as it is, zero in a fresh buffer, when
+    /// `len` is 0).
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_into(
         &self,
         x: &Mat,
         y: Option<&Mat>,
         len: usize,
         stride: usize,
         mode: u32,
-        max: bool,
-    ) -> f32 {
+        out: &wgpu::Buffer,
+        at: usize,
+    ) {
         if len == 0 {
-            return 0.0;
+            return;
         }
         let groups = (len as u32).div_ceil(WG).min(MAX_REDUCE_GROUPS);
         let partial = self.buffer(groups as usize);
-        let op = max as u32;
         let cols = if mode == 1 { x.cols as u32 } else { 0 };
         let xb = self.buf(x);
         let yb = y.map_or(xb, |m| self.buf(m));
-        let p1 = [
-            u32_of(len, "length"),
-            stride as u32,
-            mode,
-            op,
-            cols,
-            0,
-            0,
-            0,
-        ];
+        let p1 = [u32_of(len, "length"), stride as u32, mode, 0, cols, 0, 0, 0];
         self.dispatch(Kernel::Reduce, &p1, &[xb, yb, &partial], (groups, 1));
-        let result = self.buffer(1);
         // Pass 2 over the partials: plain values (mode 3), the same combination.
-        let p2 = [groups, 1, 3, op, 0, 0, 0, 0];
-        self.dispatch(Kernel::Reduce, &p2, &[&partial, &partial, &result], (1, 1));
-        self.read(&result, 1)[0]
+        let p2 = [groups, 1, 3, 0, 0, u32_of(at, "reduction index"), 0, 0];
+        self.dispatch(Kernel::Reduce, &p2, &[&partial, &partial, out], (1, 1));
+    }
+
+    /// Records the reduction a [`Reduction`] names into element `at` of `out`.
+    fn record(&self, r: &Reduction<'_>, out: &wgpu::Buffer, at: usize) {
+        match *r {
+            Reduction::Trace(m) => {
+                self.reduce_into(m, None, m.rows.min(m.cols), m.cols + 1, 3, out, at)
+            }
+            Reduction::Dot(a, b) => {
+                assert_eq!(a.dims(), b.dims(), "Backend::dot: {a:?} vs {b:?}");
+                self.reduce_into(a, Some(b), a.rows * a.cols, 1, 0, out, at)
+            }
+            Reduction::SquaredNorm(m) => {
+                self.reduce_into(m, Some(m), m.rows * m.cols, 1, 0, out, at)
+            }
+            Reduction::NonFinite(m) => self.reduce_into(m, None, m.rows * m.cols, 1, 2, out, at),
+        }
+    }
+
+    /// Elementwise `mode` of `elementwise.wgsl` on `x` (and `y`) into a fresh matrix.
+    fn elementwise(&self, mode: u32, x: &Mat, y: Option<&Mat>, eps: f32) -> Mat {
+        let len = x.rows * x.cols;
+        let out = self.buffer(len);
+        let xb = self.buf(x);
+        let yb = y.map_or(xb, |m| self.buf(m));
+        let params = [u32_of(len, "length"), mode, 0, 0, eps.to_bits(), 0, 0, 0];
+        self.dispatch(
+            Kernel::Elementwise,
+            &params,
+            &[xb, yb, &out],
+            grid((len as u32).div_ceil(WG)),
+        );
+        self.wrap(x.rows, x.cols, out)
     }
 
     /// Newton-Schulz iteration for `(m + damping I)^-1` on this device, with its report
@@ -697,16 +764,60 @@ impl Backend for WgpuBackend {
     }
 
     fn trace(&self, m: &Mat) -> f64 {
-        self.reduce(m, None, m.rows.min(m.cols), m.cols + 1, 3, false) as f64
+        self.reductions(&[Reduction::Trace(m)])[0]
     }
 
     fn dot(&self, a: &Mat, b: &Mat) -> f64 {
-        assert_eq!(a.dims(), b.dims(), "Backend::dot: {a:?} vs {b:?}");
-        self.reduce(a, Some(b), a.rows * a.cols, 1, 0, false) as f64
+        self.reductions(&[Reduction::Dot(a, b)])[0]
     }
 
     fn is_finite(&self, m: &Mat) -> bool {
-        self.reduce(m, None, m.rows * m.cols, 1, 2, false) == 0.0
+        self.reductions(&[Reduction::NonFinite(m)])[0] == 0.0
+    }
+
+    fn sqrt(&self, m: &mut Mat) {
+        *m = self.elementwise(0, m, None, 0.0);
+    }
+
+    fn recip(&self, m: &mut Mat, eps: f64) {
+        *m = self.elementwise(1, m, None, eps as f32);
+    }
+
+    fn mul(&self, a: &Mat, m: &mut Mat) {
+        assert_eq!(a.dims(), m.dims(), "Backend::mul: {a:?} vs {m:?}");
+        *m = self.elementwise(2, m, Some(a), 0.0);
+    }
+
+    /// One wait on the device: every scalar is reduced into one buffer, and it and the matrices
+    /// are copied into one staging buffer that is mapped once.
+    fn read_back(&self, mats: &[&Mat], scalars: &[Reduction<'_>]) -> (Vec<Tensor>, Vec<f64>) {
+        let results = self.buffer(scalars.len());
+        for (i, r) in scalars.iter().enumerate() {
+            self.record(r, &results, i);
+        }
+        let mut segments: Vec<(&wgpu::Buffer, usize)> = mats
+            .iter()
+            .map(|m| (self.buf(m), m.rows * m.cols))
+            .collect();
+        segments.push((&results, scalars.len()));
+        let mut data = self.read_many(&segments);
+        let values: Vec<f64> = data
+            .pop()
+            .expect("the scalars' segment")
+            .into_iter()
+            .zip(scalars)
+            .map(|(v, r)| match r {
+                // A count of non-finite elements, as the 0/1 the primitive promises.
+                Reduction::NonFinite(_) => f64::from(u8::from(v != 0.0)),
+                _ => v as f64,
+            })
+            .collect();
+        let tensors = data
+            .into_iter()
+            .zip(mats)
+            .map(|(v, m)| Tensor::from_vec(v, &[m.rows, m.cols]))
+            .collect();
+        (tensors, values)
     }
 
     fn spd_inverse(&self, m: &Mat, damping: f32) -> Result<Inverse, LinalgError> {

@@ -9,7 +9,8 @@
 //   1: |x - I| (diagonal of a `cols`-wide matrix when cols > 0), non-finite -> 3e38 (max)
 //   2: 1 when x is NaN or infinite, else 0 (sums: a count)
 //   3: x                      (sums: trace with stride cols + 1, or the partials of pass 1)
-// `op` is 0 for a sum, 1 for a maximum.
+// `op` is 0 for a sum, 1 for a maximum. Workgroup g writes out[offset + g], so the second passes
+// of many reductions can fill one buffer that is read back at once.
 
 struct Params {
     len: u32,
@@ -17,7 +18,7 @@ struct Params {
     mode: u32,
     op: u32,
     cols: u32,
-    _pad0: u32,
+    offset: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -91,6 +92,6 @@ fn main(
         workgroupBarrier();
     }
     if (li == 0u) {
-        out[wg.x] = scratch[0];
+        out[p.offset + wg.x] = scratch[0];
     }
 }
