@@ -2,23 +2,10 @@
 //! `save`/`resume` (SGD, Adam, KFAC), the epoch helper, and weights alone.
 
 use kron::data::Batches;
+mod common;
+
+use common::{data, model, temp};
 use kron::prelude::*;
-
-fn model(store: &mut ParamStore, seed: u64) -> Sequential {
-    let mut rng = Rng::new(seed);
-    Sequential::new()
-        .push(Dense::new(store, "fc1", 6, 16, &mut rng))
-        .push(Activation::Tanh)
-        .push(Dropout::new(0.2))
-        .push(Dense::new(store, "fc2", 16, 3, &mut rng))
-}
-
-fn data() -> (Tensor, Vec<usize>) {
-    let mut rng = Rng::new(99);
-    let x = Tensor::randn(&[40, 6], 0.0, 1.0, &mut rng);
-    let y = (0..40).map(|i| i % 3).collect();
-    (x, y)
-}
 
 fn gather(x: &Tensor, y: &[usize], idx: &[usize]) -> (Tensor, Targets) {
     let mut d = Vec::with_capacity(idx.len() * 6);
@@ -50,12 +37,6 @@ fn make_opt(kind: &str, model: &dyn Module, store: &ParamStore) -> Box<dyn Optim
 }
 
 const KINDS: [&str; 3] = ["sgd", "adam", "kfac"];
-
-fn temp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kron-trainer-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 fn trainer(kind: &str, seed: u64) -> Trainer<Sequential> {
     let mut params = ParamStore::new();

@@ -1,23 +1,10 @@
 //! The training step and checkpoints: resume to the bit, refusals that change nothing.
 
+mod common;
+
+use common::{data, model, temp};
 use kron::prelude::*;
 use kron::{CheckpointError, TrainState};
-
-fn model(store: &mut ParamStore, seed: u64) -> Sequential {
-    let mut rng = Rng::new(seed);
-    Sequential::new()
-        .push(Dense::new(store, "fc1", 6, 16, &mut rng))
-        .push(Activation::Tanh)
-        .push(Dropout::new(0.2))
-        .push(Dense::new(store, "fc2", 16, 3, &mut rng))
-}
-
-fn data() -> (Tensor, Vec<usize>) {
-    let mut rng = Rng::new(99);
-    let x = Tensor::randn(&[40, 6], 0.0, 1.0, &mut rng);
-    let y = (0..40).map(|i| i % 3).collect();
-    (x, y)
-}
 
 /// The batch of step `s` (a fixed cyclic order, standing in for a data iterator).
 fn batch(x: &Tensor, y: &[usize], s: u64) -> (Tensor, Targets) {
@@ -97,12 +84,6 @@ fn make_opt(kind: &str, store: &ParamStore) -> Box<dyn Optimizer> {
         ),
         _ => Box::new(Adam::new(store, AdamConfig::new(0.01)).unwrap()),
     }
-}
-
-fn temp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kron-facade-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
 }
 
 #[test]
