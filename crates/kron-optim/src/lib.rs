@@ -13,6 +13,7 @@
 
 pub mod adaptive;
 pub mod backend;
+pub mod comm;
 pub mod curvature;
 mod error;
 mod first_order;
@@ -27,6 +28,7 @@ pub use adaptive::{
     TensorLayout,
 };
 pub use backend::{Backend, CpuBackend, Precision, Ridge};
+pub use comm::{Communicator, LocalComm, LocalGroup, Shard, SingleProcess};
 pub use curvature::{
     CoreConfig, CurvatureBlock, CurvatureProducts, DampingConfig, Driver, FailurePolicy, Fallback,
     Graft, LevenbergMarquardt, Momentum, Note, RefreshConfig, StatisticsConfig, StepConfig,

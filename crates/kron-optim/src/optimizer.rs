@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use kron_autodiff::{Gradients, LayerCapture, LayerId, ParamStore, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::comm::Shard;
 use crate::curvature::{CurvatureProducts, Note};
 use crate::error::OptimError;
 
@@ -268,6 +269,18 @@ pub trait Optimizer: Send {
     /// [`Wants::reduction`] asked for it (Levenberg-Marquardt damping adaptation).
     fn observe_reduction(&mut self, _before: f32, _after: f32) {}
 
+    /// Tells the optimizer which shard of the global batch this rank's next steps train on,
+    /// in data-parallel training (`kron::DataParallel`); `None` (the start): one process.
+    ///
+    /// The gradients a step receives are then already the global batch's (reduced across the
+    /// ranks), so first-order methods, and methods whose statistics come from the gradients,
+    /// need nothing more: the default ignores the shard. Methods whose statistics come from the
+    /// captures (which hold this shard's examples only) reduce those across the ranks, and
+    /// split their refreshes among them.
+    fn set_shard(&mut self, shard: Option<Shard>) {
+        let _ = shard;
+    }
+
     /// The base learning rate.
     fn learning_rate(&self) -> f32;
 
@@ -321,6 +334,9 @@ impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
     }
     fn observe_reduction(&mut self, before: f32, after: f32) {
         (**self).observe_reduction(before, after)
+    }
+    fn set_shard(&mut self, shard: Option<Shard>) {
+        (**self).set_shard(shard)
     }
     fn learning_rate(&self) -> f32 {
         (**self).learning_rate()

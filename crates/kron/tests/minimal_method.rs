@@ -73,6 +73,9 @@ impl CurvatureBlock for DiagFisher {
     fn refresh_cost(&self) -> f64 {
         (self.info.a_dim() * self.info.g_dim()) as f64
     }
+    fn statistics_mut(&mut self) -> Vec<&mut Mat> {
+        self.d.iter_mut().collect()
+    }
     fn statistics(&self) -> Vec<(&'static str, &Mat)> {
         self.d.iter().map(|d| ("D", d)).collect()
     }

@@ -133,6 +133,12 @@ pub trait CurvatureBlock: Send + Sync {
     /// The statistics as named matrices, for checkpoints.
     fn statistics(&self) -> Vec<(&'static str, &Mat)>;
 
+    /// The matrices of [`CurvatureBlock::statistics`], in the same order, to write: in
+    /// data-parallel training the driver replaces a block's new statistics by their sum over
+    /// the ranks (so a block must stage its update, [`CurvatureBlock::unchecked_statistics`],
+    /// for the driver to take it back on every rank when one rank's input is refused).
+    fn statistics_mut(&mut self) -> Vec<&mut Mat>;
+
     /// Sets the statistics from named host tensors (checked against the block's dimensions;
     /// each taken from `take`), for checkpoints; `updates` is the count they summarize.
     fn restore_statistics(

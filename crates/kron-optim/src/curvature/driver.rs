@@ -7,16 +7,19 @@ use kron_autodiff::{Gradients, ParamId, ParamStore, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::block::{CurvatureBlock, StatsInput, from_state, put};
+use super::block::{CurvatureBlock, StatsInput, from_state, put, to_state};
 use super::config::{CoreConfig, Fallback, StatisticsConfig, StepRule};
-use super::note::Note;
+use super::note::{Note, StatsSkip};
 use super::policy::{RefreshMeta, Refreshed, Refreshing};
 use super::products::CurvatureProducts;
 use super::rules::{apply_direction, kl_clip_factor};
-use crate::backend::{Backend, Mat, Reduction};
+use crate::backend::{Backend, Mat, Reduction, Store};
+use crate::comm::{Packet, Shard, all_reduce_buffers, assign_by_cost};
 use crate::error::OptimError;
 use crate::first_order::{Adam, Slots};
-use crate::optimizer::{Captures, OptimState, Optimizer, StepReport, Wants, check_finite};
+use crate::optimizer::{
+    Captures, OptimState, Optimizer, StateTensor, StepReport, Wants, check_finite,
+};
 use crate::validate::{positive, step_lr};
 
 /// What a [`Correction`] sees of the step: every block, its usable refreshed result, its
@@ -41,6 +44,10 @@ pub struct CorrectionInput<'a, B: CurvatureBlock> {
     pub step: u64,
     /// Whether some block refreshed this step.
     pub refreshed_now: bool,
+    /// This rank's shard of the global batch in data-parallel training (`None` on one
+    /// process): the captures hold its examples only, so sums over examples must be reduced
+    /// across the ranks.
+    pub shard: Option<&'a Shard>,
     precondition: &'a (dyn Fn(usize, &Tensor) -> Option<Tensor> + Sync),
 }
 
@@ -158,6 +165,11 @@ pub struct Driver<B: CurvatureBlock> {
     /// adaptation asked for the actual reduction.
     predicted: Option<f64>,
     last_rho: Option<f32>,
+    /// This rank's shard in data-parallel training.
+    shard: Option<Shard>,
+    /// Refreshes this rank computed itself (in data-parallel training, those of the blocks
+    /// it owns).
+    computed_refreshes: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -248,6 +260,8 @@ impl<B: CurvatureBlock> Driver<B> {
             step: 0,
             predicted: None,
             last_rho: None,
+            shard: None,
+            computed_refreshes: 0,
         })
     }
 
@@ -294,6 +308,21 @@ impl<B: CurvatureBlock> Driver<B> {
     /// The damping λ in force (it moves under Levenberg-Marquardt adaptation).
     pub fn damping(&self) -> f32 {
         self.damping
+    }
+
+    /// Block refreshes this rank has computed itself. In data-parallel training each block's
+    /// refresh is computed by its owner only ([`Driver::refresh_owners`]) and broadcast.
+    pub fn computed_refreshes(&self) -> u64 {
+        self.computed_refreshes
+    }
+
+    /// The rank that computes each block's refresh, in block order: blocks are assigned by
+    /// their refresh cost ([`CurvatureBlock::refresh_cost`]), greedily, so the ranks share the
+    /// work about evenly. All 0 on one process.
+    pub fn refresh_owners(&self) -> Vec<usize> {
+        let size = self.shard.as_ref().map_or(1, |s| s.comm().size());
+        let costs: Vec<f64> = self.blocks.iter().map(|b| b.refresh_cost()).collect();
+        assign_by_cost(&costs, size)
     }
 
     /// The reduction ratio ρ of the last adaptation, if any.
@@ -389,7 +418,11 @@ impl<B: CurvatureBlock> Driver<B> {
         // before a refresh reads them, or else with the directions' read-back (stage 3): on a
         // GPU a step without a refresh waits on the device once.
         let t0 = Instant::now();
-        let mut stats = Some(self.statistics(params, grads, curvature));
+        let mut outcomes = self.statistics(params, grads, curvature);
+        if let Some(shard) = self.shard.clone().filter(|s| s.is_distributed()) {
+            self.reduce_statistics(&mut outcomes, &shard);
+        }
+        let mut stats = Some(outcomes);
         report.stats_ms = t0.elapsed().as_secs_f64() * 1e3;
 
         // 2. Refresh.
@@ -429,6 +462,7 @@ impl<B: CurvatureBlock> Driver<B> {
                 lambda: self.damping as f64,
                 step: self.step,
                 refreshed_now: report.refreshed,
+                shard: self.shard.as_ref(),
                 precondition: &precondition,
             };
             let notes = c.correct(&input, &mut dirs)?;
@@ -576,22 +610,247 @@ impl<B: CurvatureBlock> Driver<B> {
         report.stats_updated = any;
     }
 
-    /// Stage 2: every block with statistics refreshes under the failure policy, in parallel.
+    /// Data-parallel statistics: each block that reads captures has folded in its shard's
+    /// examples only; the ranks sum their new statistics weighted by their shards' shares, so
+    /// that every rank holds the global batch's. The running average is linear in the batch
+    /// statistic, so summing the averaged matrices is exact:
+    /// `sum_r w_r (decay old + (1 - decay) S_r) = decay old + (1 - decay) sum_r w_r S_r`.
+    ///
+    /// Two collectives: which ranks refused their input, block by block (a block refused on
+    /// any rank is taken back on every rank, [`StatsSkip::OnRanks`]), then the matrices, in
+    /// buckets. The finiteness checks then run on the reduced matrices, the same on every
+    /// rank.
+    fn reduce_statistics(&mut self, outcomes: &mut [StatsOutcome], shard: &Shard) {
+        let comm = shard.comm();
+        let (me, size) = (comm.rank(), comm.size());
+        let taking: Vec<usize> = (0..self.blocks.len())
+            .filter(|&i| {
+                self.blocks[i].wants_capture() && !matches!(outcomes[i], StatsOutcome::Idle)
+            })
+            .collect();
+        let mut refused = vec![0.0f64; taking.len() * size];
+        for (k, &i) in taking.iter().enumerate() {
+            if matches!(outcomes[i], StatsOutcome::Skipped(_)) {
+                refused[k * size + me] = 1.0;
+            }
+        }
+        comm.all_reduce_f64(&mut refused);
+        let mut reduce = Vec::with_capacity(taking.len());
+        for (k, &i) in taking.iter().enumerate() {
+            let ranks: Vec<usize> = (0..size)
+                .filter(|&r| refused[k * size + r] != 0.0)
+                .collect();
+            if ranks.is_empty() {
+                reduce.push(i);
+                continue;
+            }
+            let b = &mut self.blocks[i];
+            match outcomes[i] {
+                StatsOutcome::Unchecked => {
+                    // Taken back: the verdict's own reason is replaced by the ranks'.
+                    let _ = b.settle_statistics(false);
+                }
+                StatsOutcome::Updated => panic!(
+                    "Driver: block {} checks its own statistics, so a capture refused on \
+                     another rank cannot be undone here; data-parallel training needs blocks \
+                     that stage their statistics (CurvatureBlock::unchecked_statistics)",
+                    b.layout().path
+                ),
+                _ => {}
+            }
+            outcomes[i] = StatsOutcome::Skipped(StatsSkip::OnRanks { ranks });
+        }
+        let be = self.backend.as_ref();
+        let w = shard.weight();
+        let mut f32s: Vec<Vec<f32>> = Vec::new();
+        let mut f64s: Vec<Vec<f64>> = Vec::new();
+        for &i in &reduce {
+            for (_, m) in self.blocks[i].statistics() {
+                match &m.store {
+                    Store::F64(d) => f64s.push(d.iter().map(|x| x * w).collect()),
+                    _ => {
+                        let wf = w as f32;
+                        f32s.push(be.download(m).data().iter().map(|x| x * wf).collect());
+                    }
+                }
+            }
+        }
+        {
+            let mut views: Vec<&mut [f32]> = f32s.iter_mut().map(|v| v.as_mut_slice()).collect();
+            all_reduce_buffers(comm, &mut views);
+            let mut views: Vec<&mut [f64]> = f64s.iter_mut().map(|v| v.as_mut_slice()).collect();
+            all_reduce_buffers(comm, &mut views);
+        }
+        let (mut f32s, mut f64s) = (f32s.into_iter(), f64s.into_iter());
+        for &i in &reduce {
+            for m in self.blocks[i].statistics_mut() {
+                let (rows, cols) = m.dims();
+                match &mut m.store {
+                    Store::F64(d) => d.copy_from_slice(&f64s.next().expect("a reduced matrix")),
+                    Store::F32(t) => t
+                        .data_mut()
+                        .copy_from_slice(&f32s.next().expect("a reduced matrix")),
+                    #[allow(unreachable_patterns)]
+                    _ => {
+                        let v = f32s.next().expect("a reduced matrix");
+                        *m = be.upload(&Tensor::from_vec(v, &[rows, cols]));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands each owner's refreshes to the other ranks, owner after owner (one broadcast of
+    /// a [`Packet`] each): every rank ends with the same refresh state and notes, to the bit.
+    fn share_refreshes(
+        &mut self,
+        shard: &Shard,
+        owners: &[usize],
+        results: &mut [(bool, Option<Note>)],
+    ) {
+        let comm = shard.comm();
+        let me = comm.rank();
+        for root in 0..comm.size() {
+            let owned: Vec<usize> = (0..self.blocks.len())
+                .filter(|&i| owners[i] == root && self.blocks[i].has_statistics())
+                .collect();
+            if owned.is_empty() {
+                continue;
+            }
+            let mut bytes = if root == me {
+                self.refresh_packet(&owned, results).encode()
+            } else {
+                Vec::new()
+            };
+            comm.broadcast_bytes(&mut bytes, root);
+            if root != me {
+                let packet = Packet::decode(&bytes)
+                    .unwrap_or_else(|e| panic!("Driver: rank {root}'s refreshes: {e}"));
+                self.take_refresh_packet(&owned, packet, results)
+                    .unwrap_or_else(|e| panic!("Driver: rank {root}'s refreshes: {e}"));
+            }
+        }
+    }
+
+    /// The refresh state of blocks `owned` (and their step outcomes) as a packet.
+    fn refresh_packet(&self, owned: &[usize], results: &[(bool, Option<Note>)]) -> Packet {
+        let be = self.backend.as_ref();
+        let mut packet = Packet::default();
+        let mut metas = Vec::with_capacity(owned.len());
+        for &i in owned {
+            let (b, r) = (&self.blocks[i], &self.refresh[i]);
+            let refreshed = r.last_good().map(|g| {
+                let (mats, meta) = b.export_refreshed(&g.value);
+                for (name, m) in mats {
+                    let name = format!("{i}.{name}");
+                    match to_state(be, &m) {
+                        StateTensor::F32(t) => {
+                            packet
+                                .f32s
+                                .push((name, t.shape().to_vec(), t.data().to_vec()))
+                        }
+                        StateTensor::F64 { shape, data } => packet.f64s.push((name, shape, data)),
+                    }
+                }
+                meta
+            });
+            metas.push(serde_json::json!({
+                "refresh": r.meta(),
+                "refreshed": refreshed,
+                "ok": results[i].0,
+                "note": results[i].1,
+            }));
+        }
+        packet.meta = serde_json::Value::Array(metas);
+        packet
+    }
+
+    /// Takes another rank's [`Driver::refresh_packet`] for blocks `owned`.
+    fn take_refresh_packet(
+        &mut self,
+        owned: &[usize],
+        mut packet: Packet,
+        results: &mut [(bool, Option<Note>)],
+    ) -> Result<(), String> {
+        let be = self.backend.as_ref();
+        let metas = match std::mem::take(&mut packet.meta) {
+            serde_json::Value::Array(m) if m.len() == owned.len() => m,
+            _ => return Err(format!("not one record per block of {owned:?}")),
+        };
+        for (&i, m) in owned.iter().zip(metas) {
+            let b = &self.blocks[i];
+            let refresh: RefreshMeta = serde_json::from_value(m["refresh"].clone())
+                .map_err(|e| format!("block {i}: {e}"))?;
+            let ok = m["ok"]
+                .as_bool()
+                .ok_or_else(|| format!("block {i}: no outcome"))?;
+            let note: Option<Note> =
+                serde_json::from_value(m["note"].clone()).map_err(|e| format!("block {i}: {e}"))?;
+            let mut take = |name: &str, shape: &[usize]| -> Result<Mat, OptimError> {
+                let key = format!("{i}.{name}");
+                let bad = |detail: String| OptimError::BadState { detail };
+                if let Some(k) = packet.f64s.iter().position(|t| t.0 == key) {
+                    let (_, s, data) = packet.f64s.swap_remove(k);
+                    if s != shape {
+                        return Err(bad(format!("{key}: shape {s:?}, expected {shape:?}")));
+                    }
+                    return Ok(from_state(be, StateTensor::F64 { shape: s, data }));
+                }
+                let k = packet
+                    .f32s
+                    .iter()
+                    .position(|t| t.0 == key)
+                    .ok_or_else(|| bad(format!("{key} missing")))?;
+                let (_, s, data) = packet.f32s.swap_remove(k);
+                if s != shape {
+                    return Err(bad(format!("{key}: shape {s:?}, expected {shape:?}")));
+                }
+                Ok(from_state(be, StateTensor::F32(Tensor::from_vec(data, &s))))
+            };
+            let value = match &m["refreshed"] {
+                serde_json::Value::Null => None,
+                rm => Some(
+                    b.import_refreshed(be, rm, &mut take)
+                        .map_err(|e| format!("block {i}: {e}"))?,
+                ),
+            };
+            self.refresh[i] = Refreshing::restore(refresh, value);
+            results[i] = (ok, note);
+        }
+        Ok(())
+    }
+
+    /// Stage 2: every block with statistics refreshes under the failure policy, in parallel;
+    /// in data-parallel training, on its owner rank only, which broadcasts the outcome.
     fn refresh_all(&mut self, report: &mut StepReport) {
         let be = self.backend.as_ref();
         let lambda = self.damping as f64;
         let policy = self.config.refresh.failure;
-        let results: Vec<(bool, Option<Note>)> = self
+        let shard = self.shard.clone().filter(|s| s.is_distributed());
+        let owners = self.refresh_owners();
+        let me = shard.as_ref().map_or(0, |s| s.comm().rank());
+        let mut results: Vec<(bool, Option<Note>)> = self
             .blocks
             .par_iter()
             .zip(self.refresh.par_iter_mut())
-            .map(|(b, r)| {
-                if !b.has_statistics() {
+            .zip(&owners)
+            .map(|((b, r), &owner)| {
+                if !b.has_statistics() || owner != me {
                     return (false, None);
                 }
                 r.refresh(&policy, &b.layout().path, lambda, |d| b.refresh(be, d))
             })
             .collect();
+        self.computed_refreshes += self
+            .blocks
+            .iter()
+            .zip(&owners)
+            .filter(|(b, o)| b.has_statistics() && **o == me)
+            .count() as u64;
+        if let Some(shard) = shard {
+            self.share_refreshes(&shard, &owners, &mut results);
+        }
+        let be = self.backend.as_ref();
         report.refreshed = results.iter().any(|(ok, _)| *ok);
         if be.delegates_eigh()
             && self
@@ -1184,6 +1443,10 @@ impl<B: CurvatureBlock> Optimizer for Driver<B> {
 
     fn observe_reduction(&mut self, before: f32, after: f32) {
         self.reduction(before, after);
+    }
+
+    fn set_shard(&mut self, shard: Option<Shard>) {
+        self.shard = shard;
     }
 
     fn learning_rate(&self) -> f32 {

@@ -23,6 +23,12 @@ pub enum StatsSkip {
     NonFiniteInput,
     /// The updated statistics overflowed.
     Overflow,
+    /// In data-parallel training, the input of these ranks was refused (for one of the
+    /// reasons above), so no rank updated the block: the ranks keep the same statistics.
+    OnRanks {
+        /// The ranks whose input was refused.
+        ranks: Vec<usize>,
+    },
 }
 
 impl fmt::Display for StatsSkip {
@@ -38,6 +44,15 @@ impl fmt::Display for StatsSkip {
                 "non-finite activations or gradients captured; statistics not updated"
             ),
             StatsSkip::Overflow => write!(f, "statistics overflowed; not updated"),
+            StatsSkip::OnRanks { ranks } => write!(
+                f,
+                "the capture of rank(s) {} was refused; no rank updated the statistics",
+                ranks
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     }
 }

@@ -292,6 +292,10 @@ impl CurvatureBlock for KfacBlock {
         a.powi(3) + g.powi(3)
     }
 
+    fn statistics_mut(&mut self) -> Vec<&mut Mat> {
+        self.a.iter_mut().chain(self.g.iter_mut()).collect()
+    }
+
     fn statistics(&self) -> Vec<(&'static str, &Mat)> {
         let mut out = Vec::new();
         if let Some(a) = &self.a {

@@ -185,6 +185,10 @@ impl Optimizer for TwoLevelKfac {
         self.driver.observe_reduction(before, after);
     }
 
+    fn set_shard(&mut self, shard: Option<crate::Shard>) {
+        self.driver.set_shard(shard);
+    }
+
     fn learning_rate(&self) -> f32 {
         self.driver.learning_rate()
     }
