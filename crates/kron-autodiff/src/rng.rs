@@ -50,6 +50,16 @@ impl Rng {
         result
     }
 
+    /// Advances the stream by `n` draws of [`Rng::next_u64`], as if they had been drawn and
+    /// dropped. Every draw of kron's samplers takes a fixed number of `u64`s (one for a
+    /// uniform, two for a normal), which is how a rank of a data-parallel run starts its
+    /// shard's draws where one process would have drawn them.
+    pub fn discard(&mut self, n: u64) {
+        for _ in 0..n {
+            self.next_u64();
+        }
+    }
+
     /// A uniform `f64` in `[0, 1)` with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)

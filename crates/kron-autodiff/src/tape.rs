@@ -45,6 +45,9 @@ pub struct Tape<'s> {
     training: bool,
     capture: HashSet<LayerId>,
     rng: RefCell<Rng>,
+    /// `(first, global)`: this tape's batch is the examples from `first` of a global batch
+    /// of `global` (data-parallel training).
+    shard: Option<(usize, usize)>,
 }
 
 /// A handle to a value recorded on a [`Tape`]; cheap to copy.
@@ -66,6 +69,7 @@ impl<'s> Tape<'s> {
             training: true,
             capture: HashSet::new(),
             rng: RefCell::new(Rng::new(0)),
+            shard: None,
         }
     }
 
@@ -78,6 +82,7 @@ impl<'s> Tape<'s> {
             training: true,
             capture: HashSet::new(),
             rng: RefCell::new(Rng::new(0)),
+            shard: None,
         }
     }
 
@@ -90,6 +95,22 @@ impl<'s> Tape<'s> {
     /// Sets the generator that dropout masks draw from.
     pub fn with_rng(self, rng: Rng) -> Self {
         *self.rng.borrow_mut() = rng;
+        self
+    }
+
+    /// Says that this tape's batch is the examples from `first` of a global batch of
+    /// `global` examples (one rank's shard in data-parallel training): dropout then draws for
+    /// each example the mask it would draw on one process running the whole global batch,
+    /// whatever the split.
+    ///
+    /// # Panics
+    /// If `first` is beyond `global`.
+    pub fn with_shard(mut self, first: usize, global: usize) -> Self {
+        assert!(
+            first <= global,
+            "Tape::with_shard: first example {first} beyond a batch of {global}"
+        );
+        self.shard = Some((first, global));
         self
     }
 
@@ -189,8 +210,29 @@ impl<'s> Tape<'s> {
         Ref::map(self.nodes.borrow(), |n| &n[id].value)
     }
 
-    pub(crate) fn draw_mask<T>(&self, f: impl FnOnce(&mut Rng) -> T) -> T {
-        f(&mut self.rng.borrow_mut())
+    /// Draws the mask of a batch of `rows` examples of `per_row` values each, one `u64` per
+    /// value: `f` gets the generator and the number of values. On a shard, the generator first
+    /// skips the examples before it and afterwards those after it, so each example's values
+    /// and the draws of the next mask are those of the whole global batch.
+    pub(crate) fn draw_mask<T>(
+        &self,
+        rows: usize,
+        per_row: usize,
+        f: impl FnOnce(&mut Rng, usize) -> T,
+    ) -> T {
+        let mut rng = self.rng.borrow_mut();
+        let Some((first, global)) = self.shard else {
+            return f(&mut rng, rows * per_row);
+        };
+        assert!(
+            first + rows <= global,
+            "dropout: a batch of {rows} rows from example {first} overruns the global batch of \
+             {global}"
+        );
+        rng.discard((first * per_row) as u64);
+        let out = f(&mut rng, rows * per_row);
+        rng.discard(((global - first - rows) * per_row) as u64);
+        out
     }
 
     /// Reverse-mode sweep from a scalar `loss`: the gradient of every parameter (and of every

@@ -223,6 +223,38 @@ impl Shard {
         }
     }
 
+    /// Turns this shard's means into the global batch's, on every rank: each rank's values
+    /// weighted by its share, summed over the ranks (in place; nothing on one rank).
+    pub fn mean_f64(&self, values: &mut [f64]) {
+        if !self.is_distributed() {
+            return;
+        }
+        let w = self.weight();
+        values.iter_mut().for_each(|x| *x *= w);
+        self.comm.all_reduce_f64(values);
+    }
+
+    /// [`Shard::mean_f64`] for many `f32` buffers, in buckets ([`all_reduce_buffers`]).
+    pub fn mean_f32(&self, bufs: &mut [&mut [f32]]) {
+        if !self.is_distributed() {
+            return;
+        }
+        let w = self.weight() as f32;
+        bufs.iter_mut()
+            .for_each(|b| b.iter_mut().for_each(|x| *x *= w));
+        all_reduce_buffers(self.comm.as_ref(), bufs);
+    }
+
+    /// Whether any rank says `yes` (one all-reduce; on one rank, `yes`).
+    pub fn any(&self, yes: bool) -> bool {
+        if !self.is_distributed() {
+            return yes;
+        }
+        let mut f = [f64::from(u8::from(yes))];
+        self.comm.all_reduce_f64(&mut f);
+        f[0] > 0.0
+    }
+
     /// Whether other ranks take part (more than one rank).
     pub fn is_distributed(&self) -> bool {
         self.comm.size() > 1

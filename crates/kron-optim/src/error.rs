@@ -37,6 +37,14 @@ pub enum OptimError {
         /// What is wrong with its value.
         detail: String,
     },
+    /// In data-parallel training, the gradient of these ranks held NaN or an infinity: every
+    /// rank refused the step, and nothing changed on any rank.
+    NonFiniteGradientOnRanks {
+        /// The ranks whose gradient was not finite.
+        ranks: Vec<usize>,
+        /// The first such parameter, on the rank that reports it (`None` on the others).
+        param: Option<String>,
+    },
     /// The step's update would have put NaN or an infinity into a parameter (an overflow, with
     /// finite gradients and a valid configuration); the parameters and the optimizer's
     /// buffers are as they were before the step.
@@ -68,6 +76,18 @@ impl fmt::Display for OptimError {
             ),
             OptimError::BadState { detail } => write!(f, "bad optimizer state: {detail}"),
             OptimError::Config { field, detail } => write!(f, "configuration: {field} {detail}"),
+            OptimError::NonFiniteGradientOnRanks { ranks, param } => {
+                let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+                write!(
+                    f,
+                    "gradient holds NaN or infinity on rank(s) {}",
+                    ranks.join(", ")
+                )?;
+                if let Some(p) = param {
+                    write!(f, " (on this rank: {p:?})")?;
+                }
+                write!(f, "; step refused on every rank, nothing changed")
+            }
             OptimError::NonFiniteUpdate { param, lr } => write!(
                 f,
                 "the update of {param:?} overflowed to NaN or infinity (learning rate {lr}); \

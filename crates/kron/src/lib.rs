@@ -17,6 +17,7 @@
 //! Most programs start with `use kron::prelude::*;`.
 
 mod checkpoint;
+mod distributed;
 
 /// The README's code, compiled and run as a doctest.
 #[cfg(doctest)]
@@ -36,6 +37,7 @@ pub use checkpoint::{
     CheckpointError, FORMAT_VERSION, TrainState, load_checkpoint, load_weights, save_checkpoint,
     save_weights,
 };
+pub use distributed::{DataParallel, SetupMismatch, setup_of};
 pub use train::{Evaluation, StepOutput, evaluate, predict, train_step};
 pub use trainer::{EpochOutput, Trainer};
 

@@ -2,7 +2,11 @@
 
 use kron_autodiff::{Gradients, LossKind, ParamStore, Rng, Tape, Targets, Tensor, Var, in_pool};
 use kron_layers::Module;
-use kron_optim::{Captures, FisherKind, OptimError, Optimizer, StepReport, TapeCurvature, Wants};
+use kron_optim::comm::all_reduce_buffers;
+use kron_optim::{
+    Captures, CurvatureProducts, FisherKind, OptimError, Optimizer, Shard, StepReport,
+    TapeCurvature, Wants,
+};
 
 /// What one training step returns.
 #[derive(Clone, Debug)]
@@ -38,59 +42,237 @@ pub fn train_step(
     targets: &Targets,
     rng: &mut Rng,
 ) -> Result<StepOutput, OptimError> {
+    step_on(None, model, loss, params, opt, inputs, targets, rng)
+}
+
+/// [`train_step`] on one process (`shard` `None`), or on one rank's shard of the global batch
+/// `inputs` (see [`DataParallel::train_step`](crate::DataParallel::train_step)).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn step_on(
+    shard: Option<&Shard>,
+    model: &dyn Module,
+    loss: LossKind,
+    params: &mut ParamStore,
+    opt: &mut dyn Optimizer,
+    inputs: &Tensor,
+    targets: &Targets,
+    rng: &mut Rng,
+) -> Result<StepOutput, OptimError> {
     // On a rayon worker, so that the kernels split their work from inside the pool.
     in_pool(|| {
         let wants = opt.wants();
         let step_rng = Rng::new(rng.next_u64());
         let dropout_rng = step_rng.fork(0);
         let mut sample_rng = step_rng.fork(1);
+        let shard = shard.filter(|s| s.is_distributed());
+        // This rank's examples, and the tape that draws their dropout masks as one process
+        // would on the whole batch.
+        let (local_inputs, local_targets);
+        let (inputs, targets) = match shard {
+            Some(s) => {
+                local_inputs = rows(inputs, s.first(), s.len());
+                local_targets = target_rows(targets, s.first(), s.len());
+                (&local_inputs, &local_targets)
+            }
+            None => (inputs, targets),
+        };
+        let first = shard.map_or(0, |s| s.first());
         let (loss_value, report) = if wants.products {
             // The tape stays alive through the step, for the optimizer's curvature products; it
             // reads a snapshot of the parameters (shared storage), so the step may write `params`.
             let snapshot = params.clone();
-            let tape = Tape::new(&snapshot)
-                .with_rng(dropout_rng.clone())
-                .capturing(wants.capture.iter().copied());
-            let (l, grads, captures) =
-                record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
-            let rows = inputs.shape().first().copied().unwrap_or(0);
-            let sub;
-            let curvature_loss = match wants.product_examples {
-                Some(m) if m > 0 && m < rows => {
-                    // The products on a sub-batch: a forward pass of its own on the first `m`.
-                    sub = Tape::new(&snapshot).with_rng(dropout_rng.clone());
-                    let out = model.forward(sub.input(first_rows(inputs, m)));
-                    loss.apply(out, &first_targets(targets, m))
+            let tape =
+                tape_on(&snapshot, &dropout_rng, shard).capturing(wants.capture.iter().copied());
+            let (l, grads, captures) = record(
+                &tape,
+                model,
+                loss,
+                inputs,
+                targets,
+                &wants,
+                &mut sample_rng,
+                first,
+            );
+            let (loss_value, grads) = reduced(shard, params, l.value().item(), grads)?;
+            let rows_here = inputs.shape().first().copied().unwrap_or(0);
+            // The products' examples: the first `m` of the global batch, of which this rank
+            // holds the first `here` of its shard.
+            let (here, of) = match (wants.product_examples, shard) {
+                (Some(m), Some(s)) if m > 0 && m < s.global() => {
+                    (m.saturating_sub(s.first()).min(s.len()), m)
                 }
-                _ => l,
+                (Some(m), None) if m > 0 && m < rows_here => (m, m),
+                _ => (rows_here, shard.map_or(rows_here, |s| s.global())),
+            };
+            let sub;
+            let curvature_loss = if here < rows_here {
+                // The products on a sub-batch: a forward pass of its own on its first rows.
+                sub = tape_on(&snapshot, &dropout_rng, shard);
+                let out = model.forward(sub.input(first_rows(inputs, here.max(1))));
+                loss.apply(out, &first_targets(targets, here.max(1)))
+            } else {
+                l
             };
             let products = TapeCurvature {
                 loss: curvature_loss,
             };
-            let report = opt.step_with_curvature(params, &grads, &captures, &products)?;
-            (l.value().item(), report)
+            let report = match shard {
+                Some(s) => {
+                    let reduced = ReducedProducts {
+                        inner: &products,
+                        comm: s.comm(),
+                        weight: here as f64 / of as f64,
+                    };
+                    opt.step_with_curvature(params, &grads, &captures, &reduced)?
+                }
+                None => opt.step_with_curvature(params, &grads, &captures, &products)?,
+            };
+            (loss_value, report)
         } else {
             let (loss_value, grads, captures) = {
-                let tape = Tape::new(params)
-                    .with_rng(dropout_rng.clone())
-                    .capturing(wants.capture.iter().copied());
-                let (l, grads, captures) =
-                    record(&tape, model, loss, inputs, targets, &wants, &mut sample_rng);
+                let tape =
+                    tape_on(params, &dropout_rng, shard).capturing(wants.capture.iter().copied());
+                let (l, grads, captures) = record(
+                    &tape,
+                    model,
+                    loss,
+                    inputs,
+                    targets,
+                    &wants,
+                    &mut sample_rng,
+                    first,
+                );
                 (l.value().item(), grads, captures)
             };
+            let (loss_value, grads) = reduced(shard, params, loss_value, grads)?;
             (loss_value, opt.step(params, &grads, &captures)?)
         };
         if wants.reduction {
-            let tape = Tape::new(params).with_rng(dropout_rng);
+            let tape = tape_on(params, &dropout_rng, shard);
             let out = model.forward(tape.input(inputs.clone()));
-            let after = loss.apply(out, targets).value().item();
-            opt.observe_reduction(loss_value, after);
+            let mut after = [loss.apply(out, targets).value().item() as f64];
+            if let Some(s) = shard {
+                after[0] *= s.weight();
+                s.comm().all_reduce_f64(&mut after);
+            }
+            opt.observe_reduction(loss_value, after[0] as f32);
         }
         Ok(StepOutput {
             loss: loss_value,
             report,
         })
     })
+}
+
+/// A fresh tape over `store` in training mode, drawing dropout masks from `rng` (for the
+/// shard's examples as on the whole batch).
+fn tape_on<'s>(store: &'s ParamStore, rng: &Rng, shard: Option<&Shard>) -> Tape<'s> {
+    let t = Tape::new(store).with_rng(rng.clone());
+    match shard {
+        Some(s) => t.with_shard(s.first(), s.global()),
+        None => t,
+    }
+}
+
+/// The global batch's mean loss and gradients from this rank's (the shards' means weighted by
+/// their shares, summed over the ranks in one bucketed all-reduce); on one process, the local
+/// ones. A gradient with NaN or infinity on any rank refuses the step on every rank.
+fn reduced(
+    shard: Option<&Shard>,
+    params: &ParamStore,
+    loss: f32,
+    grads: Gradients,
+) -> Result<(f32, Gradients), OptimError> {
+    let Some(s) = shard else {
+        return Ok((loss, grads));
+    };
+    let comm = s.comm();
+    let (me, size) = (comm.rank(), comm.size());
+    let w = s.weight();
+    let bad = grads.first_non_finite();
+    // One f64 buffer: the weighted loss, then a flag per rank.
+    let mut scalars = vec![0.0f64; 1 + size];
+    scalars[0] = loss as f64 * w;
+    if bad.is_some() {
+        scalars[1 + me] = 1.0;
+    }
+    let wf = w as f32;
+    let mut bufs: Vec<Option<Vec<f32>>> = (0..params.len())
+        .map(|i| {
+            grads
+                .get(kron_autodiff::ParamId(i as u32))
+                .map(|g| g.data().iter().map(|x| x * wf).collect())
+        })
+        .collect();
+    comm.all_reduce_f64(&mut scalars);
+    let ranks: Vec<usize> = (0..size).filter(|&r| scalars[1 + r] != 0.0).collect();
+    if !ranks.is_empty() {
+        return Err(OptimError::NonFiniteGradientOnRanks {
+            ranks,
+            param: bad.map(|id| params.name(id).to_string()),
+        });
+    }
+    {
+        let mut views: Vec<&mut [f32]> = bufs
+            .iter_mut()
+            .flatten()
+            .map(|v| v.as_mut_slice())
+            .collect();
+        all_reduce_buffers(comm, &mut views);
+    }
+    let reduced = bufs
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            b.map(|b| {
+                let id = kron_autodiff::ParamId(i as u32);
+                let shape = grads
+                    .get(id)
+                    .expect("a gradient where one was sent")
+                    .shape();
+                Tensor::from_vec(b, shape)
+            })
+        })
+        .collect();
+    Ok((scalars[0] as f32, Gradients::from_params(reduced)))
+}
+
+/// Curvature products on this rank's examples, reduced to the global batch's: each rank's
+/// Gram matrix weighted by its share of the products' examples, summed over the ranks.
+struct ReducedProducts<'a> {
+    inner: &'a dyn CurvatureProducts,
+    comm: &'a dyn kron_optim::Communicator,
+    weight: f64,
+}
+
+impl CurvatureProducts for ReducedProducts<'_> {
+    fn gram(&self, dirs: &[&kron_autodiff::Direction]) -> Vec<f64> {
+        let mut g = if self.weight > 0.0 {
+            let mut g = self.inner.gram(dirs);
+            g.iter_mut().for_each(|x| *x *= self.weight);
+            g
+        } else {
+            vec![0.0; dirs.len() * dirs.len()]
+        };
+        self.comm.all_reduce_f64(&mut g);
+        g
+    }
+}
+
+/// Rows `first..first + len` (examples) of a batch.
+pub(crate) fn rows(x: &Tensor, first: usize, len: usize) -> Tensor {
+    let mut shape = x.shape().to_vec();
+    let row: usize = shape[1..].iter().product();
+    shape[0] = len;
+    Tensor::from_vec(x.data()[first * row..(first + len) * row].to_vec(), &shape)
+}
+
+/// The targets of examples `first..first + len`.
+pub(crate) fn target_rows(t: &Targets, first: usize, len: usize) -> Targets {
+    match t {
+        Targets::Classes(c) => Targets::Classes(c[first..first + len].to_vec()),
+        Targets::Values(v) => Targets::Values(rows(v, first, len)),
+    }
 }
 
 /// The first `m` rows (examples) of a batch.
@@ -118,13 +300,14 @@ fn record<'t>(
     targets: &Targets,
     wants: &Wants,
     sample_rng: &mut Rng,
+    first: usize,
 ) -> (Var<'t>, Gradients, Captures) {
     let out = model.forward(tape.input(inputs.clone()));
     let l = loss.apply(out, targets);
     let mut grads = tape.backward(l);
     let captures: Captures = match wants.fisher {
         Some(FisherKind::Sampled) => {
-            let sampled = loss.sample(&out.value(), sample_rng);
+            let sampled = loss.sample_shard(&out.value(), sample_rng, first);
             let ls = loss.apply(out, &sampled);
             tape.backward_captures(ls).take_captures()
         }

@@ -254,8 +254,9 @@ impl<'t> Var<'t> {
         let shape = self.shape();
         let keep = 1.0 / (1.0 - p);
         let n: usize = shape.iter().product();
-        let mask_data: Vec<f32> = self.tape.draw_mask(|rng| {
-            (0..n)
+        let rows = shape.first().copied().unwrap_or(1).max(1);
+        let mask_data: Vec<f32> = self.tape.draw_mask(rows, n / rows, |rng, count| {
+            (0..count)
                 .map(|_| if rng.next_f32() < p { 0.0 } else { keep })
                 .collect()
         });

@@ -69,6 +69,22 @@ impl LossKind {
         }
     }
 
+    /// [`LossKind::sample`] for the examples from `first` of a global batch (one rank's
+    /// shard in data-parallel training): `rng` is the generator one process would sample the
+    /// whole global batch from, and each example gets the label it would get there. The
+    /// generator skips the draws of the examples before `first` (one `u64` per example for
+    /// classes, one per output for Bernoulli, two per output for Gaussian draws).
+    pub fn sample_shard(self, output: &Tensor, rng: &mut Rng, first: usize) -> Targets {
+        let per_row = output.shape()[1..].iter().product::<usize>();
+        let draws = match self {
+            LossKind::CrossEntropy => 1,
+            LossKind::SquaredError => 2 * per_row,
+            LossKind::SigmoidBce => per_row,
+        };
+        rng.discard((first * draws) as u64);
+        self.sample(output, rng)
+    }
+
     /// The loss value of `output` against `targets`, without a tape.
     pub fn value(self, output: &Tensor, targets: &Targets) -> f32 {
         let tape = crate::Tape::without_params();

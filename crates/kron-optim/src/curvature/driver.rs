@@ -406,6 +406,16 @@ impl<B: CurvatureBlock> Driver<B> {
     ) -> Result<StepReport, OptimError> {
         check_finite(params, grads)?;
         let cfg = self.config;
+        if cfg.statistics.examples.is_some()
+            && self.shard.as_ref().is_some_and(|s| s.is_distributed())
+        {
+            return Err(OptimError::Config {
+                field: "statistics.examples".into(),
+                detail: "is set, but data-parallel training gathers the statistics on every \
+                         example of the global batch (each rank on its shard); leave it unset"
+                    .into(),
+            });
+        }
         let lr = step_lr(&cfg.step.schedule, self.step)?;
         let mut report = StepReport {
             step: self.step,

@@ -187,19 +187,20 @@ impl<'a> Rows<'a> {
 }
 
 /// Tselepidis, Kohler and Orvieto's coarse entry between two layers with all-ones vectors,
-/// `<1, G_ij 1 1^T A_ij^T> = (1^T G_ij 1)(1^T A_ij 1)`, from the cross factors
-/// `A_ij = (1/B) sum_n sum_t a_aug_i(n,t) a_aug_j(n,t)^T` (summed over locations, as kron's
-/// `Omega`) and `G_ij = (1/(B T)) sum_n sum_t g_i(n,t) g_j(n,t)^T` (averaged), so that the
-/// diagonal entries are those of kron's own Kronecker blocks. Layers with different location
-/// counts are aligned to the smaller count `T` as the authors' code does: location `t` of the
-/// larger layer is its flattened location `floor(t T_big / T)` (one-dimensional nearest
-/// neighbour on the flattened grid; a dense layer has `T = 1`, so it meets a conv layer's
-/// first location).
-pub(crate) fn tselepidis_entry(
+/// `<1, G_ij 1 1^T A_ij^T> = (1^T G_ij 1)(1^T A_ij 1)`, as its two factors `(1^T G_ij 1,
+/// 1^T A_ij 1)` (means over examples, which data-parallel ranks reduce before multiplying),
+/// from the cross factors `A_ij = (1/B) sum_n sum_t a_aug_i(n,t) a_aug_j(n,t)^T` (summed over
+/// locations, as kron's `Omega`) and `G_ij = (1/(B T)) sum_n sum_t g_i(n,t) g_j(n,t)^T`
+/// (averaged), so that the diagonal entries are those of kron's own Kronecker blocks. Layers
+/// with different location counts are aligned to the smaller count `T` as the authors' code
+/// does: location `t` of the larger layer is its flattened location `floor(t T_big / T)`
+/// (one-dimensional nearest neighbour on the flattened grid; a dense layer has `T = 1`, so it
+/// meets a conv layer's first location).
+pub(crate) fn tselepidis_means(
     (sg_i, sa_i, t_i): (&[f64], &[f64], usize),
     (sg_j, sa_j, t_j): (&[f64], &[f64], usize),
     examples: usize,
-) -> f64 {
+) -> (f64, f64) {
     let t = t_i.min(t_j);
     let at = |big: usize, k: usize| k * big / t;
     let (mut gg, mut aa) = (0.0f64, 0.0f64);
@@ -211,5 +212,5 @@ pub(crate) fn tselepidis_entry(
         }
     }
     let b = examples as f64;
-    (gg / (b * t as f64)) * (aa / b)
+    (gg / (b * t as f64), aa / b)
 }

@@ -5,9 +5,10 @@ use kron_autodiff::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::captured::{Rows, tselepidis_entry};
+use super::captured::{Rows, tselepidis_means};
 use super::config::{CoarseConfig, CoarseSpace};
 use crate::backend::Backend;
+use crate::comm::Shard;
 use crate::curvature::{Correction, CorrectionInput, Note};
 use crate::error::OptimError;
 use crate::kfac::{KfacBlock, KfacRefreshed};
@@ -204,6 +205,7 @@ impl Coarse {
         input: &CorrectionInput<'_, KfacBlock>,
         directions: &[Option<Tensor>],
         rows: Option<&[Rows<'_>]>,
+        shard: Option<&Shard>,
     ) -> Result<Option<Vec<(usize, CoarseVector)>>, String> {
         let blocks = input.blocks;
         let dims = |i: usize| {
@@ -277,7 +279,12 @@ impl Coarse {
             CoarseSpace::Residual => {
                 let rows = rows.ok_or("the residual needs this step's captures")?;
                 let u: Vec<&Tensor> = directions.iter().map(|d| d.as_ref().unwrap()).collect();
-                let fu = fisher_product(rows, &u);
+                let mut fu = fisher_product(rows, &u);
+                if let Some(s) = shard {
+                    // The shards' products, weighted into the global batch's.
+                    let mut views: Vec<&mut [f32]> = fu.iter_mut().map(|t| t.data_mut()).collect();
+                    s.mean_f32(&mut views);
+                }
                 let mut out = Vec::with_capacity(2 * n);
                 for (i, mut rho) in fu.into_iter().enumerate() {
                     // rho = v - F u - lambda u, written over F u.
@@ -302,21 +309,40 @@ impl Coarse {
         Ok(Some(out))
     }
 
-    /// The coarse matrix `R0 F R0^T` of `vectors` on the captured rows.
-    fn batch_matrix(&self, vectors: &[(usize, CoarseVector)], rows: &[Rows<'_>]) -> Vec<f64> {
+    /// The coarse matrix `R0 F R0^T` of `vectors` on the captured rows (in data-parallel
+    /// training, `shard`'s rows: the means over examples are reduced over the ranks).
+    fn batch_matrix(
+        &self,
+        vectors: &[(usize, CoarseVector)],
+        rows: &[Rows<'_>],
+        shard: Option<&Shard>,
+    ) -> Vec<f64> {
         let nc = vectors.len();
         let examples = rows[0].examples;
         let mut m = vec![0.0f64; nc * nc];
         if self.config.space == Some(CoarseSpace::Tselepidis) {
+            // Each entry is a product of two means over examples: the means are reduced
+            // (both in one buffer), then multiplied.
             let sums: Vec<(Vec<f64>, Vec<f64>)> = rows.iter().map(|r| r.row_sums()).collect();
+            let mut means = vec![0.0f64; 2 * nc * nc];
             for i in 0..nc {
                 for j in 0..=i {
                     let (bi, bj) = (vectors[i].0, vectors[j].0);
-                    let e = tselepidis_entry(
+                    let (g, a) = tselepidis_means(
                         (&sums[bi].0, &sums[bi].1, rows[bi].locations),
                         (&sums[bj].0, &sums[bj].1, rows[bj].locations),
                         examples,
                     );
+                    means[2 * (i * nc + j)] = g;
+                    means[2 * (i * nc + j) + 1] = a;
+                }
+            }
+            if let Some(s) = shard {
+                s.mean_f64(&mut means);
+            }
+            for i in 0..nc {
+                for j in 0..=i {
+                    let e = means[2 * (i * nc + j)] * means[2 * (i * nc + j) + 1];
                     m[i * nc + j] = e;
                     m[j * nc + i] = e;
                 }
@@ -331,6 +357,9 @@ impl Coarse {
                 m[i * nc + j] = e;
                 m[j * nc + i] = e;
             }
+        }
+        if let Some(sh) = shard {
+            sh.mean_f64(&mut m);
         }
         m
     }
@@ -680,9 +709,16 @@ impl Correction<KfacBlock> for Coarse {
                 r.a_dim() == info.a_dim() && r.g_dim() == info.g_dim()
             }) && r.iter().all(|x| x.examples == r[0].examples)
         });
+        // In data-parallel training every rank takes the same path: without rows if any rank
+        // has none.
+        let shard = input.shard.filter(|s| s.is_distributed());
+        let rows = match shard {
+            Some(s) if s.any(rows.is_none()) => None,
+            _ => rows,
+        };
 
         // The vectors; when they change, the matrix and its factor start again.
-        match self.new_vectors(input, directions, rows.as_deref()) {
+        match self.new_vectors(input, directions, rows.as_deref(), shard) {
             Ok(Some(v)) => {
                 self.vectors = Some(v);
                 self.matrix = None;
@@ -701,7 +737,7 @@ impl Correction<KfacBlock> for Coarse {
         if let Some(rows) = &rows
             && (self.averaged() || self.matrix.is_none())
         {
-            let batch = self.batch_matrix(vectors, rows);
+            let batch = self.batch_matrix(vectors, rows, shard);
             if batch.iter().all(|x| x.is_finite()) {
                 self.matrix = Some(match &self.matrix {
                     Some(old) => {
