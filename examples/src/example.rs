@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use kron::DataParallel;
 use kron::layers::Module;
 use kron::optim::{CoarseConfig, KfacConfig, LevenbergMarquardt, StepRule};
 use kron::prelude::*;
@@ -62,6 +63,9 @@ pub struct Config {
     pub curvature_examples: Option<usize>,
     /// `--trace`: every step's report on stderr.
     pub trace: bool,
+    /// `--distributed`: data-parallel training, one rank per process under `mpirun` (the
+    /// `distributed/` crate's builds of the examples; single runs only).
+    pub distributed: bool,
     /// `--lm`: Levenberg-Marquardt adaptation of KFAC's damping (default: the example's).
     pub lm: bool,
     /// `--save PATH`, `--checkpoint PATH`, `--resume PATH`: the final weights, a checkpoint at
@@ -90,6 +94,7 @@ impl Default for Config {
             kfac_step: None,
             lm: false,
             trace: false,
+            distributed: false,
             stats_period: None,
             curvature_examples: None,
             inverse_period: None,
@@ -132,6 +137,8 @@ pub const USAGE: &str = "flags:
   --curvature-examples N      examples for the quadratic model's exact Fisher products
   --quiet                     no progress bar
   --trace                     every step's loss, step size, momentum and damping on stderr
+  --distributed               data-parallel training, one rank per process, under mpirun
+                              (the builds of distributed/; one optimizer's run only)
   --help                      this text";
 // ANCHOR_END: usage
 
@@ -140,7 +147,16 @@ impl Config {
     pub fn from_args(args: impl IntoIterator<Item = String>) -> Result<Self, CliError> {
         let mut f = Flags::parse(
             args,
-            &["fast", "quiet", "compare", "sweep", "lm", "trace", "help"],
+            &[
+                "fast",
+                "quiet",
+                "compare",
+                "sweep",
+                "lm",
+                "trace",
+                "distributed",
+                "help",
+            ],
         )?;
         if f.switch("help") {
             return Err(CliError(USAGE.to_string()));
@@ -183,6 +199,7 @@ impl Config {
                 .transpose()?,
             lm: f.switch("lm"),
             trace: f.switch("trace"),
+            distributed: f.switch("distributed"),
             stats_period: f.get("stats-period")?,
             curvature_examples: f.get("curvature-examples")?,
             inverse_period: f.get("inverse-period")?,
@@ -293,6 +310,7 @@ impl Config {
             ("save", f.save.is_some()),
             ("checkpoint", f.checkpoint.is_some()),
             ("resume", f.resume.is_some()),
+            ("distributed", self.distributed),
         ] {
             if given {
                 return Err(CliError(format!(
@@ -399,7 +417,28 @@ impl Summary {
 
 /// Runs an example with a configuration.
 pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
+    run_example_on(ex, cfg, None)
+}
+
+/// [`run_example`], data-parallel over `dp`'s ranks when `--distributed` asked for it (`dp`
+/// is then the transport: the `distributed/` crate's builds pass Open MPI's).
+pub fn run_example_on(
+    ex: &Example,
+    cfg: &Config,
+    dp: Option<DataParallel>,
+) -> Result<Summary, String> {
     cfg.validate_for(ex).map_err(|e| e.0)?;
+    let dp = match (cfg.distributed, dp) {
+        (true, None) => {
+            return Err(format!(
+                "--distributed: this build of {} has no transport between processes; build the \
+                 one in distributed/ and run it under mpirun (see the README)",
+                ex.name
+            ));
+        }
+        (true, dp) => dp,
+        (false, _) => None,
+    };
     let single = cfg.single(ex);
     let sizes = if cfg.fast { ex.fast } else { ex.sizes };
     let task = (ex.task)(cfg, &sizes)?;
@@ -455,6 +494,7 @@ pub fn run_example(ex: &Example, cfg: &Config) -> Result<Summary, String> {
         quiet: cfg.quiet,
         backend: cfg.backend,
         trace: cfg.trace,
+        data_parallel: dp,
     };
     // Two-level KFAC runs at KFAC's tuned rate.
     let tuned = |k: OptimizerKind| {
@@ -585,6 +625,19 @@ pub fn cli_main(
     out: &mut dyn std::io::Write,
     err: &mut dyn std::io::Write,
 ) -> u8 {
+    cli_main_on(ex, args, out, err, None)
+}
+
+/// [`cli_main`] with a transport for `--distributed`: every rank runs it, rank 0 alone prints
+/// the table and writes the CSV; a failure is reported by every rank that sees it.
+pub fn cli_main_on(
+    ex: &Example,
+    args: Vec<String>,
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+    dp: Option<DataParallel>,
+) -> u8 {
+    let lead = dp.as_ref().is_none_or(|d| d.rank() == 0);
     if args.iter().any(|a| a == "--help" || a == "-h") {
         let _ = writeln!(out, "{USAGE}");
         return 0;
@@ -627,7 +680,8 @@ pub fn cli_main(
             return 2;
         }
     }
-    match run_example(ex, &cfg) {
+    match run_example_on(ex, &cfg, dp) {
+        Ok(_) if !lead => 0,
         Ok(s) => {
             let _ = write!(out, "{}", s.render(true));
             match s.curves.write_csv(&path) {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Instant;
 
+use kron::DataParallel;
 use kron::data::Batches;
 use kron::layers::Module;
 use kron::optim::{
@@ -271,6 +272,9 @@ pub struct RunSpec {
     pub backend: BackendKind,
     /// Print every step's report (loss, step size, momentum, damping) to stderr.
     pub trace: bool,
+    /// Data-parallel training over these ranks (`None`: one process). Every rank runs the
+    /// same program; rank 0 alone writes checkpoints, weights and the progress bar.
+    pub data_parallel: Option<DataParallel>,
 }
 
 /// Builds a model into a parameter store.
@@ -452,6 +456,21 @@ pub fn run_with(
     let mut loop_rng = rng.fork(3);
     let mut augment_rng = rng.fork(4);
     let mut step = 0u64;
+    let dp = spec.data_parallel.as_ref();
+    let lead = dp.is_none_or(|d| d.rank() == 0);
+    if let Some(d) = dp {
+        // Ranks started with other flags, data or seed refuse before the first step.
+        let program = serde_json::json!({
+            "examples": task.len(),
+            "batch": spec.batch_size,
+            "epochs": spec.epochs,
+            "seed": spec.seed,
+            "lr": spec.lr,
+            "resume": files.resume.as_ref().map(|p| p.display().to_string()),
+        });
+        d.check_setup(&kron::setup_of(&params, opt.as_ref(), program))
+            .map_err(|e| e.to_string())?;
+    }
     if let Some(path) = &files.resume {
         let state = load_checkpoint(path, &mut params, opt.as_mut()).map_err(|e| e.to_string())?;
         let resumed = resume_batches(&state, task.len(), path)?;
@@ -488,7 +507,7 @@ pub fn run_with(
         .map(|k| k * per_epoch / spec.evals_per_epoch.max(1))
         .collect();
     let name = spec.optimizer.name();
-    let progress = Progress::new(name, total, spec.quiet);
+    let progress = Progress::new(name, total, spec.quiet || !lead);
     let mut curves = Curves::default();
     let mut seconds = 0.0f64;
     let mut notes: Vec<String> = Vec::new();
@@ -538,15 +557,26 @@ pub fn run_with(
             }
             let tb = gather_targets(&task.train_t, &idx);
             let t0 = Instant::now();
-            let out = train_step(
-                model.as_ref(),
-                task.loss,
-                &mut params,
-                opt.as_mut(),
-                &xb,
-                &tb,
-                &mut loop_rng,
-            );
+            let out = match dp {
+                Some(d) => d.train_step(
+                    model.as_ref(),
+                    task.loss,
+                    &mut params,
+                    opt.as_mut(),
+                    &xb,
+                    &tb,
+                    &mut loop_rng,
+                ),
+                None => train_step(
+                    model.as_ref(),
+                    task.loss,
+                    &mut params,
+                    opt.as_mut(),
+                    &xb,
+                    &tb,
+                    &mut loop_rng,
+                ),
+            };
             seconds += t0.elapsed().as_secs_f64();
             step += 1;
             match out {
@@ -588,7 +618,7 @@ pub fn run_with(
         }
         // Consume the end-of-epoch marker so the next epoch starts afresh.
         let _ = batches.next_batch();
-        if let Some(path) = &files.checkpoint {
+        if let Some(path) = files.checkpoint.as_ref().filter(|_| lead) {
             let state = TrainState {
                 step,
                 rng: loop_rng.clone(),
@@ -598,7 +628,18 @@ pub fn run_with(
         }
     }
     progress.finish();
-    if let Some(path) = &files.save {
+    if let Some(d) = dp {
+        let comm = d.comm_seconds();
+        notes.push(format!(
+            "data-parallel on {} ranks ({}): {:.2} ms of communication per step, {:.1}% of the \
+             training time",
+            d.size(),
+            d.comm().name(),
+            1e3 * comm / step.max(1) as f64,
+            100.0 * comm / seconds.max(1e-9)
+        ));
+    }
+    if let Some(path) = files.save.as_ref().filter(|_| lead) {
         kron::save_weights(path, &params).map_err(|e| format!("cannot save the weights: {e}"))?;
     }
     Ok(RunResult {

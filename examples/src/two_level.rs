@@ -389,6 +389,7 @@ fn train_example(
                 quiet: true,
                 backend: BackendKind::Cpu,
                 trace: false,
+                data_parallel: None,
             };
             let r = run(&task, &model_fn, &optim, &spec)?;
             if let Some(why) = &r.stopped {

@@ -255,6 +255,20 @@ impl Shard {
         f[0] > 0.0
     }
 
+    /// The shard of the global batch's first `m` examples this rank holds (all of its own when
+    /// `m` covers the batch): the part of a statistic gathered on a prefix of the batch. A rank
+    /// may hold none of them (its weight is then 0).
+    pub fn prefix(&self, m: usize) -> Shard {
+        let global = m.min(self.global);
+        let first = self.first.min(global);
+        Shard {
+            comm: self.comm.clone(),
+            first,
+            len: (global - first).min(self.len),
+            global,
+        }
+    }
+
     /// Whether other ranks take part (more than one rank).
     pub fn is_distributed(&self) -> bool {
         self.comm.size() > 1

@@ -219,7 +219,12 @@ impl DataParallel {
         comm.broadcast_bytes(&mut bytes, 0);
         let rank0: serde_json::Value =
             serde_json::from_slice(&bytes).expect("rank 0's setup parses");
-        let mine = first_difference("", &rank0, setup);
+        // Both sides through the same text and parser (a parsed float may differ from the
+        // value it was printed from in the last bit).
+        let ours: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(setup).expect("a setup serializes"))
+                .expect("a setup parses");
+        let mine = first_difference("", &rank0, &ours);
         let flags = comm.all_gather_f64(&[f64::from(u8::from(mine.is_some()))]);
         let ranks: Vec<usize> = (0..comm.size()).filter(|&r| flags[r] != 0.0).collect();
         let Some(&first) = ranks.first() else {

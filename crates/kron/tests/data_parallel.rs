@@ -145,6 +145,19 @@ fn optimizers() -> Vec<(&'static str, Problem, MakeOpt)> {
             let c = kfac_base().with_precision(Precision::F64);
             Box::new(Kfac::new(m, p, c).unwrap())
         }),
+        // Statistics on the first 13 examples of each global batch: some ranks hold none.
+        ("kfac-stats-examples", Problem::Classifier, |m, p| {
+            Box::new(Kfac::new(m, p, kfac_base().with_stats_examples(Some(13))).unwrap())
+        }),
+        (
+            "kfac-2l-residual-stats-examples",
+            Problem::Regression,
+            |m, p| {
+                let c = kfac_base().with_stats_examples(Some(13));
+                let coarse = CoarseConfig::parse("residual").unwrap();
+                Box::new(TwoLevelKfac::new(m, p, c, coarse).unwrap())
+            },
+        ),
         ("kfc", Problem::Conv, |m, p| {
             Box::new(Kfac::new(m, p, kfac_base()).unwrap())
         }),

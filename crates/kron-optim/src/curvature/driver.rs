@@ -406,16 +406,6 @@ impl<B: CurvatureBlock> Driver<B> {
     ) -> Result<StepReport, OptimError> {
         check_finite(params, grads)?;
         let cfg = self.config;
-        if cfg.statistics.examples.is_some()
-            && self.shard.as_ref().is_some_and(|s| s.is_distributed())
-        {
-            return Err(OptimError::Config {
-                field: "statistics.examples".into(),
-                detail: "is set, but data-parallel training gathers the statistics on every \
-                         example of the global batch (each rank on its shard); leave it unset"
-                    .into(),
-            });
-        }
         let lr = step_lr(&cfg.step.schedule, self.step)?;
         let mut report = StepReport {
             step: self.step,
@@ -428,9 +418,10 @@ impl<B: CurvatureBlock> Driver<B> {
         // before a refresh reads them, or else with the directions' read-back (stage 3): on a
         // GPU a step without a refresh waits on the device once.
         let t0 = Instant::now();
-        let mut outcomes = self.statistics(params, grads, curvature);
-        if let Some(shard) = self.shard.clone().filter(|s| s.is_distributed()) {
-            self.reduce_statistics(&mut outcomes, &shard);
+        let (stats_config, stats_shard) = self.statistics_shard();
+        let mut outcomes = self.statistics(params, grads, curvature, &stats_config);
+        if let Some(shard) = &stats_shard {
+            self.reduce_statistics(&mut outcomes, shard);
         }
         let mut stats = Some(outcomes);
         report.stats_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -468,11 +459,11 @@ impl<B: CurvatureBlock> Driver<B> {
                 refreshed: self.refresh.iter().map(|r| r.usable(&policy)).collect(),
                 gradients: &gradients,
                 captures: curvature,
-                statistics: &self.config.statistics,
+                statistics: &stats_config,
                 lambda: self.damping as f64,
                 step: self.step,
                 refreshed_now: report.refreshed,
-                shard: self.shard.as_ref(),
+                shard: stats_shard.as_ref(),
                 precondition: &precondition,
             };
             let notes = c.correct(&input, &mut dirs)?;
@@ -541,9 +532,10 @@ impl<B: CurvatureBlock> Driver<B> {
         params: &ParamStore,
         grads: &Gradients,
         curvature: &Captures,
+        scfg: &StatisticsConfig,
     ) -> Vec<StatsOutcome> {
         let be = self.backend.as_ref();
-        let scfg = self.config.statistics;
+        let scfg = *scfg;
         let step = self.step;
         // Block after block: each factor product is a GEMM large enough to split its output
         // among the threads itself (running blocks side by side on top of GEMMs that had
@@ -618,6 +610,25 @@ impl<B: CurvatureBlock> Driver<B> {
             }
         }
         report.stats_updated = any;
+    }
+
+    /// The statistics settings this rank's blocks use and, in data-parallel training, the
+    /// shard of the examples they gather on: this rank's whole shard, or its part of the first
+    /// `statistics.examples` examples of the global batch (a rank holding none of them still
+    /// updates, on one example, with weight 0, so every rank stages the same update).
+    fn statistics_shard(&self) -> (StatisticsConfig, Option<Shard>) {
+        let mut scfg = self.config.statistics;
+        let Some(shard) = self.shard.as_ref().filter(|s| s.is_distributed()) else {
+            return (scfg, None);
+        };
+        let part = match scfg.examples {
+            Some(m) => shard.prefix(m),
+            None => shard.clone(),
+        };
+        if scfg.examples.is_some() {
+            scfg.examples = Some(part.len().max(1));
+        }
+        (scfg, Some(part))
     }
 
     /// Data-parallel statistics: each block that reads captures has folded in its shard's

@@ -1,0 +1,94 @@
+//! `--distributed`: the autoencoder and the conv net trained data-parallel (on ranks that are
+//! threads of this process) report what one process reports, rank 0 alone printing; a build
+//! without a transport refuses the flag with a message.
+
+use std::sync::Arc;
+
+use kron::DataParallel;
+use kron::optim::LocalGroup;
+use kron_examples::example::{Config, Example, Summary, cli_main, run_example, run_example_on};
+
+fn config(optimizer: &str) -> Config {
+    let args = ["--fast", "--quiet", "--optimizer", optimizer];
+    Config::from_args(args.iter().map(|s| s.to_string())).unwrap()
+}
+
+/// Every rank's summary of a `--distributed` run on `ranks` thread ranks.
+fn on_ranks(ex: &'static Example, cfg: Config, ranks: usize) -> Vec<Summary> {
+    let handles: Vec<_> = LocalGroup::new(ranks)
+        .into_iter()
+        .map(|c| {
+            let cfg = Config {
+                distributed: true,
+                ..cfg.clone()
+            };
+            std::thread::spawn(move || {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap();
+                pool.install(|| run_example_on(ex, &cfg, Some(DataParallel::new(Arc::new(c)))))
+                    .unwrap()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn losses(s: &Summary) -> Vec<f32> {
+    s.curves
+        .points
+        .iter()
+        .flat_map(|p| [p.train_loss, p.test_loss])
+        .collect()
+}
+
+#[test]
+fn distributed_runs_report_what_one_process_reports() {
+    for (ex, optimizer) in [
+        (&kron_examples::autoencoder::EXAMPLE, "kfac"),
+        (&kron_examples::convnet::EXAMPLE, "kfac"),
+        (&kron_examples::convnet::EXAMPLE, "adam"),
+    ] {
+        let one = run_example(ex, &config(optimizer)).unwrap();
+        let two = on_ranks(ex, config(optimizer), 2);
+        for (a, b) in losses(&one).iter().zip(losses(&two[0])) {
+            assert!(
+                ((a - b) / a).abs() < 1e-4,
+                "{} {optimizer}: one process {a}, 2 ranks {b}",
+                ex.name
+            );
+        }
+        assert_eq!(losses(&two[0]), losses(&two[1]), "the ranks agree");
+        let note = two[0]
+            .notes
+            .iter()
+            .find(|n| n.starts_with("data-parallel on 2 ranks"));
+        assert!(note.is_some(), "{:?}", two[0].notes);
+    }
+}
+
+#[test]
+fn distributed_without_a_transport_is_refused() {
+    let ex = &kron_examples::autoencoder::EXAMPLE;
+    let args = ["--fast", "--optimizer", "kfac", "--distributed"];
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = cli_main(
+        ex,
+        args.iter().map(|s| s.to_string()).collect(),
+        &mut out,
+        &mut err,
+    );
+    let err = String::from_utf8(err).unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--distributed") && err.contains("mpirun"),
+        "{err}"
+    );
+    // And it belongs to a single run.
+    let e = Config::from_args(["--distributed".to_string(), "--compare".to_string()]).unwrap_err();
+    assert!(
+        e.0.contains("--distributed belongs to a single run"),
+        "{e:?}"
+    );
+}
