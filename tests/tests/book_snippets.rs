@@ -1,6 +1,8 @@
 //! Runs the code the book shows and checks that it computes what the text says, against
 //! brute-force computations written out here element by element.
 
+#[path = "../../book/snippets/data_parallel.rs"]
+mod data_parallel;
 #[path = "../../book/snippets/digits.rs"]
 mod digits;
 #[path = "../../book/snippets/gpu.rs"]
@@ -556,4 +558,23 @@ fn your_model_a_layer_left_out_of_the_blocks_is_reported_or_refused() {
         "{}",
         r.strict_error
     );
+}
+
+#[test]
+fn data_parallel_two_and_three_ranks_train_as_one_process() {
+    let one = data_parallel::train_rank(kron::DataParallel::single(), 12).unwrap();
+    for ranks in [2, 3] {
+        let all = data_parallel::on_threads(ranks, 12);
+        assert!(
+            all.iter().all(|p| p == &all[0]),
+            "the ranks agree to the bit"
+        );
+        let d: f64 = all[0]
+            .iter()
+            .zip(&one)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        let n: f64 = one.iter().map(|b| (*b as f64).powi(2)).sum();
+        assert!((d / n).sqrt() < 1e-5, "{ranks} ranks: {:e}", (d / n).sqrt());
+    }
 }
