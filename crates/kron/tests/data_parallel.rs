@@ -368,6 +368,44 @@ fn each_refresh_is_computed_once_on_its_owner() {
 }
 
 #[test]
+fn each_root_of_the_adaptive_methods_is_computed_once_on_its_owner() {
+    // The classifier's two weights (blocks 16x6 and 3x16), two axes each, rooted at steps
+    // 5, 10, 15 and 20 (t = step + 1).
+    let out = on_ranks(2, |dp| {
+        let problem = Problem::Classifier;
+        let mut params = ParamStore::new();
+        let model = problem.build(&mut params);
+        let mut c = AdaptiveConfig::shampoo();
+        c.refresh.period = 5;
+        let mut opt = Shampoo::new(&params, c).unwrap();
+        let mut rng = Rng::new(5);
+        for step in 0..STEPS {
+            let (x, y) = problem.batch(step);
+            dp.train_step(
+                &model,
+                problem.loss(),
+                &mut params,
+                &mut opt,
+                &x,
+                &y,
+                &mut rng,
+            )
+            .unwrap();
+        }
+        (opt.computed_roots(), opt.root_owners())
+    });
+    let owners = &out[0].1;
+    assert_eq!(owners, &out[1].1);
+    let all: Vec<usize> = owners.iter().flatten().flatten().copied().collect();
+    assert_eq!(all.len(), 4, "{owners:?}");
+    for (rank, (computed, _)) in out.iter().enumerate() {
+        let owned = all.iter().filter(|&&o| o == rank).count() as u64;
+        assert!(owned > 0, "rank {rank} owns no root: {owners:?}");
+        assert_eq!(*computed, owned * 4, "rank {rank} computed {computed}");
+    }
+}
+
+#[test]
 fn a_non_finite_gradient_on_one_rank_is_refused_on_every_rank() {
     let out = on_ranks(3, |dp| {
         let problem = Problem::Classifier;

@@ -13,6 +13,7 @@ use super::config::AdaptiveConfig;
 use super::rule::FactorRule;
 use super::shape::{self, BlockSpec, Plan};
 use crate::backend::{Backend, CpuBackend, Mat, gather_elements};
+use crate::comm::{Packet, Shard, assign_by_cost};
 use crate::curvature::block::{from_state, put, to_state};
 use crate::curvature::driver::check_structure;
 use crate::curvature::{
@@ -78,6 +79,10 @@ pub struct Adaptive<R: FactorRule> {
     velocity: Slots,
     slot_of: BTreeMap<ParamId, usize>,
     step: u64,
+    /// This rank's shard in data-parallel training.
+    shard: Option<Shard>,
+    /// Roots this rank has computed itself.
+    computed_roots: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -103,8 +108,32 @@ struct BlockMeta {
     roots: Vec<RefreshMeta>,
 }
 
-/// What one block's stages produced: its direction, notes, statistics updated, root refreshed.
-type BlockStep = (Option<Vec<f32>>, Vec<Note>, bool, bool);
+/// What one block's stages produced: its direction, notes, statistics updated, root refreshed,
+/// and (in data-parallel training) the outcome and notes of each axis's refresh when this rank
+/// ran it, kept apart to share them.
+type BlockStep = (Option<Vec<f32>>, Vec<Note>, bool, bool, Vec<AxisRefresh>);
+
+/// Whether an axis's refresh this rank ran succeeded, and its notes.
+type AxisRefresh = Option<(bool, Vec<Note>)>;
+
+/// Which stages a pass over the blocks runs: statistics and refreshes when due, the
+/// refreshes of the axes `owned` says (all when `None`), and the preconditioning.
+#[derive(Clone, Copy)]
+struct Phases<'a> {
+    stats: bool,
+    refresh: bool,
+    precondition: bool,
+    owned: Option<&'a [Vec<bool>]>,
+}
+
+impl Phases<'_> {
+    const ALL: Phases<'static> = Phases {
+        stats: true,
+        refresh: true,
+        precondition: true,
+        owned: None,
+    };
+}
 
 /// What one parameter's stages produced at a step.
 struct ParamStep {
@@ -113,6 +142,8 @@ struct ParamStep {
     notes: Vec<Note>,
     stats: bool,
     refreshed: bool,
+    /// Per block and axis, the refreshes this rank ran (data-parallel passes only).
+    axis_notes: Vec<Vec<AxisRefresh>>,
 }
 
 impl<R: FactorRule + Default> Adaptive<R> {
@@ -213,7 +244,42 @@ impl<R: FactorRule> Adaptive<R> {
             backend,
             slots,
             step: 0,
+            shard: None,
+            computed_roots: 0,
         })
+    }
+
+    /// Roots this rank has computed itself. In data-parallel training each root is computed
+    /// by its owner only ([`Adaptive::root_owners`]) and broadcast.
+    pub fn computed_roots(&self) -> u64 {
+        self.computed_roots
+    }
+
+    /// The rank that computes each root, by parameter, block and axis: assigned greedily by
+    /// cost (`d^3` for an axis of size `d`) over all of them. All 0 on one process.
+    pub fn root_owners(&self) -> Vec<Vec<Vec<usize>>> {
+        let size = self.shard.as_ref().map_or(1, |s| s.comm().size());
+        let costs: Vec<f64> = self
+            .slots
+            .iter()
+            .flat_map(|s| s.blocks.iter())
+            .flat_map(|b| b.dims.iter().map(|&d| (d as f64).powi(3)))
+            .collect();
+        let mut flat = assign_by_cost(&costs, size).into_iter();
+        self.slots
+            .iter()
+            .map(|s| {
+                s.blocks
+                    .iter()
+                    .map(|b| {
+                        b.dims
+                            .iter()
+                            .map(|_| flat.next().expect("an owner"))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// The configuration.
@@ -299,6 +365,138 @@ impl<R: FactorRule> Adaptive<R> {
         })
     }
 
+    /// The stages `phases` names for every parameter with a gradient, parameters side by side;
+    /// `owned` holds, per parameter, what `phases` reads of it.
+    fn stages<'o>(
+        &mut self,
+        grads: &Gradients,
+        t: u64,
+        owned: &'o [Vec<Vec<bool>>],
+        phases: impl Fn(&'o [Vec<bool>]) -> Phases<'o> + Sync,
+    ) -> Vec<Option<ParamStep>> {
+        let cfg = self.config;
+        let (rule, be) = (&self.rule, self.backend.as_ref());
+        self.slots
+            .par_iter_mut()
+            .zip(owned)
+            .map(|(slot, own)| {
+                let g = grads.get(slot.id)?;
+                if slot.blocks.is_empty() {
+                    return Some(ParamStep {
+                        dirs: vec![],
+                        notes: vec![],
+                        stats: false,
+                        refreshed: false,
+                        axis_notes: vec![],
+                    });
+                }
+                Some(Self::param_stages(rule, &cfg, be, slot, g, t, phases(own)))
+            })
+            .collect()
+    }
+
+    /// Hands each owner's new roots to the other ranks, owner after owner (one [`Packet`]
+    /// each): the refresh state, the root in its own precision, whether the axis is still to
+    /// refresh, and the refresh's notes. Every rank ends with the same roots, to the bit.
+    fn share_roots(
+        &mut self,
+        shard: &Shard,
+        owners: &[Vec<Vec<usize>>],
+        steps: &mut [Option<ParamStep>],
+    ) {
+        let comm = shard.comm();
+        let me = comm.rank();
+        // Every (parameter, block, axis), in order, with its owner.
+        let items: Vec<(usize, usize, usize, usize)> = owners
+            .iter()
+            .enumerate()
+            .flat_map(|(s, blocks)| {
+                blocks.iter().enumerate().flat_map(move |(j, axes)| {
+                    axes.iter().enumerate().map(move |(i, &o)| (s, j, i, o))
+                })
+            })
+            .collect();
+        for root in 0..comm.size() {
+            let mut bytes = Vec::new();
+            if root == me {
+                let be = self.backend.as_ref();
+                let mut packet = Packet::default();
+                let mut metas = Vec::new();
+                for (k, &(s, j, i, o)) in items.iter().enumerate() {
+                    let attempted = steps[s]
+                        .as_ref()
+                        .filter(|_| o == me)
+                        .and_then(|st| st.axis_notes.get(j)?.get(i)?.as_ref());
+                    let Some((ok, notes)) = attempted else {
+                        continue;
+                    };
+                    let b = &self.slots[s].blocks[j];
+                    if let Some(g) = b.roots[i].last_good() {
+                        match to_state(be, &g.value) {
+                            StateTensor::F32(t) => {
+                                packet
+                                    .f32s
+                                    .push((k.to_string(), t.shape().to_vec(), t.into_vec()))
+                            }
+                            StateTensor::F64 { shape, data } => {
+                                packet.f64s.push((k.to_string(), shape, data))
+                            }
+                        }
+                    }
+                    metas.push(serde_json::json!({
+                        "item": k,
+                        "refresh": b.roots[i].meta(),
+                        "dirty": b.dirty[i],
+                        "ok": ok,
+                        "notes": notes,
+                    }));
+                    self.computed_roots += 1;
+                }
+                packet.meta = serde_json::Value::Array(metas);
+                bytes = packet.encode();
+            }
+            comm.broadcast_bytes(&mut bytes, root);
+            let packet = Packet::decode(&bytes)
+                .unwrap_or_else(|e| panic!("Adaptive: rank {root}'s roots: {e}"));
+            let serde_json::Value::Array(metas) = packet.meta else {
+                panic!("Adaptive: rank {root}'s roots: no records");
+            };
+            let (mut f32s, mut f64s) = (packet.f32s, packet.f64s);
+            for m in metas {
+                let k = m["item"].as_u64().expect("an item index") as usize;
+                let (s, j, i, _) = items[k];
+                let notes: Vec<Note> =
+                    serde_json::from_value(m["notes"].clone()).expect("the notes parse");
+                if let Some(st) = steps[s].as_mut() {
+                    st.refreshed |= m["ok"].as_bool().expect("an outcome");
+                    st.notes.extend(notes);
+                }
+                if root == me {
+                    continue;
+                }
+                let meta: RefreshMeta =
+                    serde_json::from_value(m["refresh"].clone()).expect("the refresh state parses");
+                let key = k.to_string();
+                let be = self.backend.as_ref();
+                let value = if let Some(p) = f64s.iter().position(|t| t.0 == key) {
+                    let (_, shape, data) = f64s.swap_remove(p);
+                    Some(from_state(be, StateTensor::F64 { shape, data }))
+                } else if let Some(p) = f32s.iter().position(|t| t.0 == key) {
+                    let (_, shape, data) = f32s.swap_remove(p);
+                    Some(from_state(
+                        be,
+                        StateTensor::F32(Tensor::from_vec(data, &shape)),
+                    ))
+                } else {
+                    None
+                };
+                let b = &mut self.slots[s].blocks[j];
+                b.roots[i] = Refreshing::restore(meta, value);
+                b.dirty[i] = m["dirty"].as_bool().expect("a dirty flag");
+            }
+        }
+    }
+
     /// Stages 1-3 of one parameter: statistics, refresh, precondition.
     #[allow(clippy::too_many_arguments)]
     fn param_stages(
@@ -308,15 +506,17 @@ impl<R: FactorRule> Adaptive<R> {
         slot: &mut Slot,
         g: &Tensor,
         t: u64,
+        phases: Phases<'_>,
     ) -> ParamStep {
         let mut out = ParamStep {
             dirs: Vec::with_capacity(slot.blocks.len()),
             notes: vec![],
             stats: false,
             refreshed: false,
+            axis_notes: vec![],
         };
-        let stats_due = t.is_multiple_of(config.statistics_period);
-        let refresh_due = t.is_multiple_of(config.refresh.period);
+        let stats_due = phases.stats && t.is_multiple_of(config.statistics_period);
+        let refresh_due = phases.refresh && t.is_multiple_of(config.refresh.period);
         let labels: Vec<Vec<String>> = (0..slot.blocks.len())
             .map(|j| {
                 (0..slot.blocks[j].dims.len())
@@ -330,7 +530,8 @@ impl<R: FactorRule> Adaptive<R> {
             .blocks
             .par_iter_mut()
             .zip(labels)
-            .map(|(b, labels)| {
+            .enumerate()
+            .map(|(j, (b, labels))| {
                 Self::block_stages(
                     rule,
                     config,
@@ -342,14 +543,17 @@ impl<R: FactorRule> Adaptive<R> {
                     t,
                     stats_due,
                     refresh_due,
+                    phases.owned.map(|o| o[j].as_slice()),
+                    phases.precondition,
                 )
             })
             .collect();
-        for (dir, notes, stats, refreshed) in per_block {
+        for (dir, notes, stats, refreshed, axis_notes) in per_block {
             out.dirs.push(dir);
             out.notes.extend(notes);
             out.stats |= stats;
             out.refreshed |= refreshed;
+            out.axis_notes.push(axis_notes);
         }
         out
     }
@@ -368,11 +572,13 @@ impl<R: FactorRule> Adaptive<R> {
         t: u64,
         stats_due: bool,
         refresh_due: bool,
+        owned: Option<&[bool]>,
+        apply: bool,
     ) -> BlockStep {
         let policy = config.refresh.failure;
         let eps = config.epsilon.value();
-        let mut out: BlockStep = (None, vec![], false, false);
         let order = b.dims.len();
+        let mut out: BlockStep = (None, vec![], false, false, vec![None; order]);
         let gb = be.upload(&Tensor::from_vec(
             shape::gather(g.data(), dims, &b.spec),
             &[b.dims[0], b.spec.len() / b.dims[0]],
@@ -413,9 +619,10 @@ impl<R: FactorRule> Adaptive<R> {
         if refresh_due {
             for i in 0..order {
                 let wanted = b.counts[i] > 0 && (!rule.refresh_updated_only() || b.dirty[i]);
-                if !wanted {
+                if !wanted || owned.is_some_and(|o| !o[i]) {
                     continue;
                 }
+                let mut notes = Vec::new();
                 let mut retried = false;
                 let (stat, count) = (&b.stats[i], b.counts[i]);
                 let (ok, note) = b.roots[i].refresh(&policy, &labels[i], eps, |e| {
@@ -429,12 +636,21 @@ impl<R: FactorRule> Adaptive<R> {
                     out.3 = true;
                 }
                 if retried {
-                    out.1.push(Note::RetriedInF64 {
+                    notes.push(Note::RetriedInF64 {
                         block: labels[i].clone(),
                     });
                 }
-                out.1.extend(note);
+                notes.extend(note);
+                // The step's notes, or the axis's own, to share with the other ranks.
+                if owned.is_some() {
+                    out.4[i] = Some((ok, notes));
+                } else {
+                    out.1.extend(notes);
+                }
             }
+        }
+        if !apply {
+            return out;
         }
         let roots: Vec<Option<&Mat>> = b
             .roots
@@ -547,23 +763,49 @@ impl<R: FactorRule> Optimizer for Adaptive<R> {
             });
         }
         let t0 = Instant::now();
-        let (rule, be) = (&self.rule, self.backend.as_ref());
-        let steps: Vec<Option<ParamStep>> = self
-            .slots
-            .par_iter_mut()
-            .map(|slot| {
-                let g = grads.get(slot.id)?;
-                if slot.blocks.is_empty() {
-                    return Some(ParamStep {
-                        dirs: vec![],
-                        notes: vec![],
-                        stats: false,
-                        refreshed: false,
-                    });
+        let shard = self.shard.clone().filter(|s| s.is_distributed());
+        let steps = match shard {
+            // In data-parallel training a refresh step runs in three passes: statistics and the
+            // roots this rank owns; the owners' roots broadcast; the preconditioning.
+            Some(shard) if t.is_multiple_of(cfg.refresh.period) => {
+                let owners = self.root_owners();
+                let me = shard.comm().rank();
+                let owned: Vec<Vec<Vec<bool>>> = owners
+                    .iter()
+                    .map(|s| {
+                        s.iter()
+                            .map(|b| b.iter().map(|&o| o == me).collect())
+                            .collect()
+                    })
+                    .collect();
+                let phases = |o| Phases {
+                    stats: true,
+                    refresh: true,
+                    precondition: false,
+                    owned: Some(o),
+                };
+                let mut steps = self.stages(grads, t, &owned, phases);
+                self.share_roots(&shard, &owners, &mut steps);
+                let apply = Phases {
+                    stats: false,
+                    refresh: false,
+                    precondition: true,
+                    owned: None,
+                };
+                let applied = self.stages(grads, t, &owned, |_| apply);
+                for (s, a) in steps.iter_mut().zip(applied) {
+                    if let (Some(s), Some(a)) = (s.as_mut(), a) {
+                        s.dirs = a.dirs;
+                        s.notes.extend(a.notes);
+                    }
                 }
-                Some(Self::param_stages(rule, &cfg, be, slot, g, t))
-            })
-            .collect();
+                steps
+            }
+            _ => {
+                let none: Vec<Vec<Vec<bool>>> = vec![vec![]; self.slots.len()];
+                self.stages(grads, t, &none, |_| Phases::ALL)
+            }
+        };
         report.stats_ms = t0.elapsed().as_secs_f64() * 1e3;
         for s in steps.iter().flatten() {
             report.stats_updated |= s.stats;
@@ -627,6 +869,10 @@ impl<R: FactorRule> Optimizer for Adaptive<R> {
         report.update_ms = t1.elapsed().as_secs_f64() * 1e3;
         self.step += 1;
         Ok(report)
+    }
+
+    fn set_shard(&mut self, shard: Option<Shard>) {
+        self.shard = shard;
     }
 
     fn learning_rate(&self) -> f32 {
