@@ -7,6 +7,7 @@ use kron_data::{BatchState, Batches};
 use kron_layers::Module;
 use kron_optim::{Note, OptimError, Optimizer};
 
+use crate::DataParallel;
 use crate::checkpoint::{CheckpointError, TrainState, load_checkpoint, save_checkpoint};
 use crate::train::{Evaluation, StepOutput, evaluate, predict, train_step};
 
@@ -47,6 +48,7 @@ pub struct Trainer<M: Module> {
     loss: LossKind,
     rng: Rng,
     steps: u64,
+    data_parallel: Option<DataParallel>,
 }
 
 /// What [`Trainer::epoch`] returns.
@@ -80,7 +82,26 @@ impl<M: Module> Trainer<M> {
             loss,
             rng,
             steps: 0,
+            data_parallel: None,
         }
+    }
+
+    /// Trains data-parallel over `dp`'s ranks ([`DataParallel::train_step`]): every rank runs
+    /// the same trainer on the same global batches and trains on its shard of each;
+    /// [`save`](Self::save) then writes on rank 0 only.
+    ///
+    /// # Errors
+    /// [`SetupMismatch`](crate::SetupMismatch) (on every rank) when the ranks' models,
+    /// parameter values or optimizers differ.
+    pub fn data_parallel(mut self, dp: DataParallel) -> Result<Self, crate::SetupMismatch> {
+        let setup = crate::setup_of(
+            &self.params,
+            self.optimizer.as_ref(),
+            serde_json::json!({ "loss": format!("{:?}", self.loss), "steps": self.steps }),
+        );
+        dp.check_setup(&setup)?;
+        self.data_parallel = Some(dp);
+        Ok(self)
     }
 
     /// One training step on a mini-batch ([`train_step`]); the step count advances when it
@@ -90,15 +111,26 @@ impl<M: Module> Trainer<M> {
     /// As [`train_step`]: a gradient with NaN or infinity, or an update the optimizer refuses;
     /// the parameters and the optimizer are left as they were.
     pub fn step(&mut self, inputs: &Tensor, targets: &Targets) -> Result<StepOutput, OptimError> {
-        let out = train_step(
-            &self.model,
-            self.loss,
-            &mut self.params,
-            self.optimizer.as_mut(),
-            inputs,
-            targets,
-            &mut self.rng,
-        )?;
+        let out = match &self.data_parallel {
+            Some(dp) => dp.train_step(
+                &self.model,
+                self.loss,
+                &mut self.params,
+                self.optimizer.as_mut(),
+                inputs,
+                targets,
+                &mut self.rng,
+            )?,
+            None => train_step(
+                &self.model,
+                self.loss,
+                &mut self.params,
+                self.optimizer.as_mut(),
+                inputs,
+                targets,
+                &mut self.rng,
+            )?,
+        };
         self.steps += 1;
         Ok(out)
     }
@@ -150,9 +182,15 @@ impl<M: Module> Trainer<M> {
     /// the loop's generator and `data`, the batch iterator's position (`Some(batches.state())`)
     /// if the loop draws from one.
     ///
+    /// In data-parallel training only rank 0 writes (every rank holds the same state); the
+    /// others return `Ok` at once.
+    ///
     /// # Errors
     /// [`CheckpointError`] naming the file if it cannot be written.
     pub fn save(&self, path: &Path, data: Option<BatchState>) -> Result<(), CheckpointError> {
+        if self.data_parallel.as_ref().is_some_and(|d| d.rank() != 0) {
+            return Ok(());
+        }
         let state = TrainState {
             step: self.steps,
             rng: self.rng.clone(),

@@ -6,7 +6,7 @@
 //! written by one rank count resumes on another. The same checks run over Open MPI in the
 //! `distributed/` crate.
 
-#[allow(dead_code)] // The classifier alone: not its data or scratch paths.
+#[allow(dead_code)] // The classifier and scratch paths, not its data.
 mod common;
 
 use std::sync::Arc;
@@ -521,4 +521,32 @@ fn a_batch_smaller_than_the_ranks_is_refused() {
             "{e}"
         );
     }
+}
+
+#[test]
+fn a_trainer_trains_data_parallel_and_saves_on_rank_0_only() {
+    let run = move |dp: Option<DataParallel>| {
+        let problem = Problem::Classifier;
+        let mut params = ParamStore::new();
+        let model = problem.build(&mut params);
+        let opt = Kfac::new(&model, &params, kfac_base()).unwrap();
+        let mut t = Trainer::new(model, params, opt, problem.loss(), Rng::new(5));
+        let rank = dp.as_ref().map_or(0, |d| d.rank());
+        if let Some(dp) = dp {
+            t = t.data_parallel(dp).unwrap();
+        }
+        for step in 0..10 {
+            let (x, y) = problem.batch(step);
+            t.step(&x, &y).unwrap();
+        }
+        let path = common::temp(&format!("trainer-dp-rank{rank}.safetensors"));
+        t.save(&path, None).unwrap();
+        (values(t.params()), path.exists())
+    };
+    let (one, _) = run(None);
+    let out = on_ranks(2, move |dp| run(Some(dp)));
+    assert_eq!(out[0].0, out[1].0);
+    assert!(relative_difference(&out[0].0, &one) < 1e-5);
+    assert!(out[0].1, "rank 0 writes its checkpoint");
+    assert!(!out[1].1, "rank 1 writes nothing");
 }
