@@ -6,6 +6,7 @@ pub mod autoencoder;
 pub mod cli;
 pub mod convnet;
 pub mod data;
+pub mod data_parallel;
 pub mod digits_mlp;
 pub mod example;
 pub mod ill_conditioned;

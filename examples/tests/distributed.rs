@@ -2,10 +2,7 @@
 //! threads of this process) report what one process reports, rank 0 alone printing; a build
 //! without a transport refuses the flag with a message.
 
-use std::sync::Arc;
-
-use kron::DataParallel;
-use kron::optim::LocalGroup;
+use kron_examples::data_parallel::on_threads;
 use kron_examples::example::{Config, Example, Summary, cli_main, run_example, run_example_on};
 
 fn config(optimizer: &str) -> Config {
@@ -15,24 +12,11 @@ fn config(optimizer: &str) -> Config {
 
 /// Every rank's summary of a `--distributed` run on `ranks` thread ranks.
 fn on_ranks(ex: &'static Example, cfg: Config, ranks: usize) -> Vec<Summary> {
-    let handles: Vec<_> = LocalGroup::new(ranks)
-        .into_iter()
-        .map(|c| {
-            let cfg = Config {
-                distributed: true,
-                ..cfg.clone()
-            };
-            std::thread::spawn(move || {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .unwrap();
-                pool.install(|| run_example_on(ex, &cfg, Some(DataParallel::new(Arc::new(c)))))
-                    .unwrap()
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let cfg = Config {
+        distributed: true,
+        ..cfg
+    };
+    on_threads(ranks, move |dp| run_example_on(ex, &cfg, Some(dp)).unwrap())
 }
 
 fn losses(s: &Summary) -> Vec<f32> {
