@@ -280,3 +280,226 @@ pub fn relative_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -
         })
         .fold(0.0, f64::max)
 }
+
+/// The names of the checks [`check`] runs.
+pub const CHECKS: [&str; 6] = ["equivalence", "owners", "nan", "mismatch", "save", "resume"];
+
+/// One check of data-parallel training, run by every rank of `dp` (under `mpirun`, or as
+/// threads); `Ok` carries the lines rank 0 reports, `Err` what failed. `path` is the
+/// checkpoint of `save` and `resume`:
+///
+/// * `equivalence`: every optimizer of [`optimizers`] trains [`STEPS`] steps; every rank
+///   holds the same bits, within 1e-4 relative of one process (which each rank runs itself);
+/// * `owners`: each refresh (KFAC, KFC) and each root (Shampoo) is computed once per period,
+///   by its owner;
+/// * `nan`: a NaN in the last rank's shard is refused on every rank, naming that rank;
+/// * `mismatch`: the last rank, started with another damping, makes every rank refuse;
+/// * `save`: 10 steps of each of KFAC, two-level KFAC and Shampoo, each checkpointed by rank 0
+///   to `path` plus the optimizer's name;
+/// * `resume`: the checkpoints of `save` (from any number of ranks) resumed for 10 more steps
+///   land within 1e-4 of one process's 20.
+pub fn check(
+    name: &str,
+    dp: &DataParallel,
+    path: Option<&std::path::Path>,
+) -> Result<String, String> {
+    match name {
+        "equivalence" => equivalence(dp),
+        "owners" => owners(dp),
+        "nan" => nan(dp),
+        "mismatch" => mismatch(dp),
+        "save" | "resume" => {
+            let path = path.ok_or_else(|| format!("{name} needs a checkpoint path"))?;
+            checkpoints(dp, name == "save", path)
+        }
+        _ => Err(format!(
+            "no check {name:?}; the checks are {}",
+            CHECKS.join(", ")
+        )),
+    }
+}
+
+/// Whether every rank holds these values, to the bit (their hashes gathered).
+fn agreed(dp: &DataParallel, v: &[(String, Vec<f32>)]) -> bool {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for x in v.iter().flat_map(|(_, x)| x) {
+        h = (h ^ u64::from(x.to_bits())).wrapping_mul(0x0100_0000_01b3);
+    }
+    // Two 32-bit halves, each exact in an f64.
+    let all = dp
+        .comm()
+        .all_gather_f64(&[(h >> 32) as f64, (h & 0xffff_ffff) as f64]);
+    all.chunks(2).all(|c| c == &all[..2])
+}
+
+fn equivalence(dp: &DataParallel) -> Result<String, String> {
+    let mut lines = Vec::new();
+    let mut failed = Vec::new();
+    for (name, problem, make) in optimizers() {
+        let one = values(&train(&DataParallel::single(), problem, make, 0..STEPS, None).0);
+        let mine = values(&train(dp, problem, make, 0..STEPS, None).0);
+        let d = relative_difference(&mine, &one);
+        let same = agreed(dp, &mine);
+        lines.push(format!(
+            "{name}: {} ranks vs one process {d:.2e}, ranks agree: {same}",
+            dp.size()
+        ));
+        if d > 1e-4 || !same {
+            failed.push(name);
+        }
+    }
+    let report = lines.join("\n");
+    if failed.is_empty() {
+        Ok(report)
+    } else {
+        Err(format!("{report}\nfailed: {}", failed.join(", ")))
+    }
+}
+
+fn owners(dp: &DataParallel) -> Result<String, String> {
+    let steps = |opt: &mut dyn Optimizer, problem: Problem, params: &mut ParamStore| {
+        let model = problem.build(&mut ParamStore::new());
+        let mut rng = Rng::new(5);
+        for step in 0..STEPS {
+            let (x, y) = problem.batch(step);
+            dp.train_step(&model, problem.loss(), params, opt, &x, &y, &mut rng)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok::<(), String>(())
+    };
+    let mut lines = Vec::new();
+    // (what, computed here, owners of every item, refreshes per item in 20 steps)
+    let mut runs: Vec<(String, u64, Vec<usize>)> = Vec::new();
+    for problem in [Problem::Classifier, Problem::Conv] {
+        let mut params = ParamStore::new();
+        let model = problem.build(&mut params);
+        let mut opt = Kfac::new(&model, &params, kfac_base()).map_err(|e| e.to_string())?;
+        steps(&mut opt, problem, &mut params)?;
+        let d = opt.driver();
+        runs.push((
+            format!("kfac {problem:?}"),
+            d.computed_refreshes(),
+            d.refresh_owners(),
+        ));
+    }
+    let mut params = ParamStore::new();
+    Problem::Classifier.build(&mut params);
+    let mut c = AdaptiveConfig::shampoo();
+    c.refresh.period = 5;
+    let mut opt = Shampoo::new(&params, c).map_err(|e| e.to_string())?;
+    steps(&mut opt, Problem::Classifier, &mut params)?;
+    let owners: Vec<usize> = opt.root_owners().into_iter().flatten().flatten().collect();
+    runs.push(("shampoo roots".into(), opt.computed_roots(), owners));
+    let mut ok = true;
+    for (what, computed, owners) in runs {
+        let all = dp.comm().all_gather_f64(&[computed as f64]);
+        let want: Vec<f64> = (0..dp.size())
+            .map(|r| 4.0 * owners.iter().filter(|&&o| o == r).count() as f64)
+            .collect();
+        ok &= all == want;
+        lines.push(format!(
+            "{what}: owners {owners:?}, computed per rank {all:?}, expected {want:?}"
+        ));
+    }
+    let report = lines.join("\n");
+    if ok { Ok(report) } else { Err(report) }
+}
+
+fn nan(dp: &DataParallel) -> Result<String, String> {
+    let last = dp.size() - 1;
+    let problem = Problem::Classifier;
+    let mut params = ParamStore::new();
+    let model = problem.build(&mut params);
+    let mut opt = Kfac::new(&model, &params, kfac_base()).map_err(|e| e.to_string())?;
+    let (mut x, y) = problem.batch(0);
+    let (first, _) = kron::optim::comm::shard_range(BATCH, dp.size(), last);
+    x.data_mut()[first * 6] = f32::NAN;
+    let before = values(&params);
+    let r = dp.train_step(
+        &model,
+        problem.loss(),
+        &mut params,
+        &mut opt,
+        &x,
+        &y,
+        &mut Rng::new(5),
+    );
+    match r {
+        Err(OptimError::NonFiniteGradientOnRanks { ranks, .. })
+            if ranks == [last] && values(&params) == before && opt.steps_taken() == 0 =>
+        {
+            Ok(format!(
+                "refused on rank {} of {}, naming rank {last}",
+                dp.rank(),
+                dp.size()
+            ))
+        }
+        other => Err(format!("rank {}: {other:?}", dp.rank())),
+    }
+}
+
+fn mismatch(dp: &DataParallel) -> Result<String, String> {
+    let last = dp.size() - 1;
+    let mut params = ParamStore::new();
+    let model = Problem::Classifier.build(&mut params);
+    let lambda = if dp.rank() == last { 0.01 } else { 0.001 };
+    let opt =
+        Kfac::new(&model, &params, kfac_base().with_damping(lambda)).map_err(|e| e.to_string())?;
+    let setup = kron::setup_of(&params, &opt, serde_json::json!({ "batch": BATCH }));
+    match dp.check_setup(&setup) {
+        Err(e) if dp.size() > 1 && e.ranks == [last] && e.field.ends_with("damping.lambda") => {
+            Ok(e.to_string())
+        }
+        Ok(()) if dp.size() == 1 => Ok("one rank: nothing to disagree with".into()),
+        other => Err(format!("rank {}: {other:?}", dp.rank())),
+    }
+}
+
+fn checkpoints(dp: &DataParallel, save: bool, path: &std::path::Path) -> Result<String, String> {
+    let mut lines = Vec::new();
+    for name in ["kfac", "kfac-2l-nicolaides", "shampoo"] {
+        let (_, problem, make) = optimizers()
+            .into_iter()
+            .find(|o| o.0 == name)
+            .expect("a listed optimizer");
+        let file = path.with_extension(format!("{name}.safetensors"));
+        if save {
+            let (params, state, rng) = train(dp, problem, make, 0..10, None);
+            if dp.rank() == 0 {
+                let mut opt = make(&problem.build(&mut ParamStore::new()), &params);
+                opt.load_state(state).map_err(|e| e.to_string())?;
+                let train = TrainState {
+                    step: 10,
+                    rng,
+                    data: None,
+                };
+                save_checkpoint(&file, &params, opt.as_ref(), &train).map_err(|e| e.to_string())?;
+            }
+            dp.comm().barrier();
+            lines.push(format!(
+                "{name}: saved by rank 0 of {} to {}",
+                dp.size(),
+                file.display()
+            ));
+        } else {
+            let mut params = ParamStore::new();
+            let model = problem.build(&mut params);
+            let mut opt = make(&model, &params);
+            let st =
+                load_checkpoint(&file, &mut params, opt.as_mut()).map_err(|e| e.to_string())?;
+            let resumed = (params, opt.state(), st.rng);
+            let mine = values(&train(dp, problem, make, 10..STEPS, Some(&resumed)).0);
+            let one = values(&train(&DataParallel::single(), problem, make, 0..STEPS, None).0);
+            let d = relative_difference(&mine, &one);
+            let same = agreed(dp, &mine);
+            lines.push(format!(
+                "{name}: resumed on {} ranks vs one process {d:.2e}, ranks agree: {same}",
+                dp.size()
+            ));
+            if d > 1e-4 || !same {
+                return Err(lines.join("\n"));
+            }
+        }
+    }
+    Ok(lines.join("\n"))
+}

@@ -298,3 +298,34 @@ fn a_trainer_trains_data_parallel_and_saves_on_rank_0_only() {
     assert!(out[0].1, "rank 0 writes its checkpoint");
     assert!(!out[1].1, "rank 1 writes nothing");
 }
+
+#[test]
+fn the_checks_the_mpi_rank_program_runs_pass_on_threads() {
+    use kron_examples::data_parallel::check;
+    for name in ["equivalence", "owners", "nan", "mismatch"] {
+        for ranks in [2, 3] {
+            for (rank, r) in on_ranks(ranks, move |dp| check(name, &dp, None))
+                .into_iter()
+                .enumerate()
+            {
+                if let Err(e) = r {
+                    panic!("{name} on rank {rank} of {ranks}: {e}");
+                }
+            }
+        }
+    }
+    // A checkpoint written by 2 ranks, resumed on 3.
+    let path = Arc::new(temp("checks"));
+    let p = path.clone();
+    for r in on_ranks(2, move |dp| check("save", &dp, Some(&p))) {
+        r.unwrap();
+    }
+    for r in on_ranks(3, move |dp| check("resume", &dp, Some(&path))) {
+        r.unwrap();
+    }
+    // A check that does not exist is an error naming the others.
+    let e = on_ranks(1, |dp| check("nope", &dp, None))
+        .remove(0)
+        .unwrap_err();
+    assert!(e.contains("equivalence"), "{e}");
+}
