@@ -36,26 +36,30 @@
 //! `mpirun` notices it and kills the other ranks, and exits with a non-zero status naming the
 //! rank that failed.
 //!
+//! In builds with debug assertions, every collective first checks that all ranks passed
+//! buffers of the same length (one extra all-gather of one number), and panics with every
+//! rank's length otherwise, as [`kron::optim::LocalGroup`] does.
+//!
 //! A rank that panics would otherwise leave the others waiting in their next collective until
 //! its process exits. [`MpiComm::init`] therefore installs a panic hook that prints the panic
-//! with the rank in front (`rank 1: panicked at src/main.rs:10:5: message`), with a backtrace
-//! when `RUST_BACKTRACE` asks for one, and then calls `MPI_Abort`, which stops every rank of
-//! the job at once. The hook runs when the panic starts, before unwinding: a panic that the
-//! program would catch (`std::panic::catch_unwind`) stops the job as well, and so does a panic
-//! on another thread while one is inside a collective (`MPI_Abort` is the one call that is
-//! made then regardless of the lock). Once the [`MpiComm`] is dropped (MPI finalized), the
-//! hook hands panics to the hook that was installed before it.
+//! with the rank in front (`rank 1: panicked at src/main.rs:10:5: message (thread 'main')`),
+//! with a backtrace when `RUST_BACKTRACE` asks for one, and then calls `MPI_Abort`, which stops
+//! every rank of the job at once. The hook runs when the panic starts, before unwinding: a
+//! panic that the program would catch (`std::panic::catch_unwind`) stops the job as well, and
+//! so does a panic on another thread while one is inside a collective (`MPI_Abort` is the one
+//! call that is made then regardless of the lock). Once the [`MpiComm`] is dropped (MPI
+//! finalized), the hook hands panics to the hook that was installed before it.
 //!
 //! ## Reductions
 //!
-//! The all-reduces sum with `MPI_SUM`. Every rank ends with the same bits: Open MPI's
-//! algorithms for commutative operations compute each element's sum once and send it to every
-//! rank, or combine partial sums pairwise in an order that only swaps the two operands of an
-//! addition (which does not change the bits). The rank program's `collectives` scenario checks
-//! this on buffers whose sum depends on the order of the additions, small ones and ones large
-//! enough for Open MPI's ring algorithm. The order of the additions is Open MPI's, not rank
-//! order: a sum over MPI can differ in its last bits from the same sum by
-//! [`kron::optim::LocalGroup`] or on one process.
+//! The all-reduces sum with `MPI_SUM`. Every rank ends with the same bits: the algorithms of
+//! Open MPI's default collective component (`tuned`) compute each element's sum once and send
+//! it to every rank (ring, reduce then broadcast), or have two ranks add the same two partial
+//! sums, in either order of the operands, which does not change the bits (recursive doubling).
+//! The rank program's `collectives` scenario checks this on buffers whose sum depends on the
+//! order of the additions, small ones and ones large enough for Open MPI's ring algorithm.
+//! The order of the additions is Open MPI's, not rank order: a sum over MPI can differ in its
+//! last bits from the same sum by [`kron::optim::LocalGroup`] or on one process.
 //!
 //! The rsmpi crate does not expose `MPI_IN_PLACE`, so each all-reduce copies the buffer into a
 //! scratch buffer that the communicator keeps and reduces from it into the caller's buffer.
@@ -99,6 +103,10 @@ struct Scratch {
 
 /// [`Communicator`] over `MPI_COMM_WORLD`. One per process, from [`MpiComm::init`]; dropping
 /// it finalizes MPI.
+///
+/// Drop it (every `Arc` of it) before the program returns from `main`: a rank that exits
+/// without finalizing MPI (also through `std::process::exit`) is reported by `mpirun` as
+/// failed, and the job's exit status is non-zero.
 pub struct MpiComm {
     rank: usize,
     size: usize,
