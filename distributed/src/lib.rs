@@ -85,8 +85,8 @@ pub const THREADING: Threading = Threading::Serialized;
 pub const DEFAULT_MAX_COUNT: usize = 1 << 30;
 
 /// Largest scratch buffer an all-reduce keeps between calls, in elements: 4 Mi (16 MiB of
-/// `f32`), the size of one bucket of `kron::optim::comm::all_reduce_buffers`. Larger buffers
-/// are reduced through the scratch buffer in pieces of this size.
+/// `f32`, 32 MiB of `f64`), the size of one bucket of `kron::optim::comm::all_reduce_buffers`.
+/// Larger buffers are reduced through the scratch buffer in pieces of this size.
 const SCRATCH_ELEMENTS: usize = 1 << 22;
 
 /// Whether an [`MpiComm`] is alive (MPI initialized and not finalized): the panic hook aborts
@@ -176,8 +176,9 @@ impl MpiComm {
     }
 
     /// Sets [`MpiComm::max_count`], clamped to 1..=[`DEFAULT_MAX_COUNT`]. Every rank must set
-    /// the same value. Only the number of calls changes, never a result; tests lower it to
-    /// exercise the splitting on small buffers.
+    /// the same value. Tests lower it to exercise the splitting on small buffers. Results stay
+    /// the same bits on every rank, and exact sums stay exact; the rounding of an inexact sum
+    /// can change, since Open MPI chooses its algorithm by the size of each call.
     pub fn set_max_count(&mut self, count: usize) {
         self.max_count = count.clamp(1, DEFAULT_MAX_COUNT);
     }
@@ -239,11 +240,9 @@ impl MpiComm {
         for (start, end) in self.chunks(buf.len(), SCRATCH_ELEMENTS) {
             let part = &mut buf[start..end];
             scratch.clear();
+            scratch.reserve_exact(part.len());
             scratch.extend_from_slice(part);
             world.all_reduce_into(&scratch[..], part, mpi::collective::SystemOperation::sum());
-        }
-        if scratch.capacity() > SCRATCH_ELEMENTS {
-            *scratch = Vec::new();
         }
     }
 }
