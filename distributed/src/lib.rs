@@ -34,7 +34,7 @@
 //! passed a buffer of another length, a lost connection) aborts the job with MPI's own message.
 //! When a rank's process dies (killed, crashed, or exited without finalizing MPI), Open MPI's
 //! `mpirun` notices it and kills the other ranks, and exits with a non-zero status naming the
-//! rank that failed.
+//! rank that failed (the rank program's `die` scenario checks this).
 //!
 //! In builds with debug assertions, every collective first checks that all ranks passed
 //! buffers of the same length (one extra all-gather of one number), and panics with every

@@ -204,6 +204,26 @@ fn a_panicking_rank_stops_every_rank_promptly() {
     }
 }
 
+#[test]
+fn a_dying_rank_stops_every_rank_promptly() {
+    let Some(mpirun) = mpirun() else { return };
+    let r = run(&mpirun, 3, &["die"]);
+    assert!(!r.success, "{}", r.describe());
+    assert!(
+        r.elapsed < PROMPT,
+        "took {:.1?}\n{}",
+        r.elapsed,
+        r.describe()
+    );
+    let out = r.output();
+    assert!(
+        out.contains("process rank 1 ") && out.contains("exited on signal"),
+        "{}",
+        r.describe()
+    );
+    assert!(!out.contains("past the collective"), "{}", r.describe());
+}
+
 /// Ranks that pass buffers of different lengths are stopped with every rank's length, in
 /// builds with debug assertions (the rank program is built with the tests' profile).
 #[test]

@@ -11,6 +11,8 @@
 //! * `panic`: rank 1 panics on a helper thread's rayon worker while the other ranks wait in an
 //!   all-reduce and rank 1's main thread works on for a minute: the panic hook of
 //!   `MpiComm::init` must end the whole job at once, naming rank 1. Needs 2 ranks or more.
+//! * `die`: rank 1's process aborts (no panic, no MPI call) while the other ranks wait in an
+//!   all-reduce: `mpirun` must end the job, naming rank 1. Needs 2 ranks or more.
 //! * `lengths`: rank 1 passes an all-reduce one element more than the others: in builds with
 //!   debug assertions the job ends with a message giving every rank's length.
 //!
@@ -24,7 +26,7 @@ use kron::optim::comm::{BUCKET_ELEMENTS, all_reduce_buffers};
 use kron_mpi::MpiComm;
 
 const USAGE: &str = "usage: mpirun -np N kron-mpi-check SCENARIO\n\
-    scenarios: collectives [--break sum|bits|order|length], panic, lengths";
+    scenarios: collectives [--break sum|bits|order|length], panic, die, lengths";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
             None => return usage(&format!("unknown breakage `{kind}`")),
         },
         ["panic"] => Scenario::Panic,
+        ["die"] => Scenario::Die,
         ["lengths"] => Scenario::Lengths,
         _ => return usage(&format!("bad arguments {args:?}")),
     };
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     match scenario {
         Scenario::Collectives(breakage) => collectives(comm, breakage),
         Scenario::Panic => panic_scenario(comm),
+        Scenario::Die => die(comm),
         Scenario::Lengths => lengths(comm),
     }
 }
@@ -61,6 +65,7 @@ fn usage(problem: &str) -> ExitCode {
 enum Scenario {
     Collectives(Option<Break>),
     Panic,
+    Die,
     Lengths,
 }
 
@@ -525,6 +530,24 @@ fn panic_scenario(comm: MpiComm) -> ExitCode {
     }
     comm.all_reduce_f32(&mut x);
     println!("rank {rank}: past the collective after rank 1 panicked");
+    ExitCode::SUCCESS
+}
+
+fn die(comm: MpiComm) -> ExitCode {
+    let (rank, size) = (comm.rank(), comm.size());
+    if size < 2 {
+        eprintln!("kron-mpi-check die: needs 2 ranks or more, runs on {size}");
+        return ExitCode::from(2);
+    }
+    let mut x = [1.0f32];
+    comm.all_reduce_f32(&mut x);
+    if rank == 1 {
+        // Let the other ranks reach their all-reduce first.
+        std::thread::sleep(Duration::from_millis(300));
+        std::process::abort();
+    }
+    comm.all_reduce_f32(&mut x);
+    println!("rank {rank}: past the collective after rank 1 died");
     ExitCode::SUCCESS
 }
 
