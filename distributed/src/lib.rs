@@ -371,3 +371,39 @@ const _: () = {
     const fn send_sync<T: Send + Sync>() {}
     send_sync::<MpiComm>();
 };
+
+/// The `main` of an example program trained data-parallel over MPI (the crate's `autoencoder`
+/// and `convnet` binaries): every rank parses the example's flags, which must include
+/// `--distributed`, joins `MPI_COMM_WORLD` and trains its shard; rank 0 prints the table and
+/// writes the files. `--help` prints the flags. Exit codes as the workspace's examples.
+pub fn example_main(ex: &kron_examples::example::Example) -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let help = args.iter().any(|a| a == "--help" || a == "-h");
+    if !help && !args.iter().any(|a| a == "--distributed") {
+        eprintln!(
+            "{}: this build trains data-parallel under mpirun: add --distributed (for one \
+             process, run `cargo run --release --example {}`)",
+            ex.name, ex.name
+        );
+        return std::process::ExitCode::from(2);
+    }
+    let dp = if help {
+        None
+    } else {
+        match MpiComm::init() {
+            Ok(c) => Some(kron::DataParallel::new(std::sync::Arc::new(c))),
+            Err(e) => {
+                eprintln!("{}: {e}", ex.name);
+                return std::process::ExitCode::from(2);
+            }
+        }
+    };
+    let code = kron_examples::example::cli_main_on(
+        ex,
+        args,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+        dp,
+    );
+    std::process::ExitCode::from(code)
+}

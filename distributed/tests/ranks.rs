@@ -43,6 +43,7 @@ fn mpirun() -> Option<PathBuf> {
 /// What one `mpirun` did.
 struct Run {
     ranks: usize,
+    program: String,
     args: Vec<String>,
     success: bool,
     code: Option<i32>,
@@ -59,8 +60,9 @@ impl Run {
     /// Everything about the run, for a failing assertion.
     fn describe(&self) -> String {
         format!(
-            "mpirun -np {} kron-mpi-check {}: exit {:?} after {:.1?}\n--- stdout\n{}--- stderr\n{}",
+            "mpirun -np {} {} {}: exit {:?} after {:.1?}\n--- stdout\n{}--- stderr\n{}",
             self.ranks,
+            self.program,
             self.args.join(" "),
             self.code,
             self.elapsed,
@@ -72,6 +74,11 @@ impl Run {
 
 /// Runs `mpirun -np ranks kron-mpi-check args..`, killing it (and failing) after [`TIMEOUT`].
 fn run(mpirun: &PathBuf, ranks: usize, args: &[&str]) -> Run {
+    run_program(mpirun, ranks, env!("CARGO_BIN_EXE_kron-mpi-check"), args)
+}
+
+/// Runs `mpirun -np ranks program args..`, killing it (and failing) after [`TIMEOUT`].
+fn run_program(mpirun: &PathBuf, ranks: usize, program: &str, args: &[&str]) -> Run {
     let mut cmd = Command::new(mpirun);
     cmd.arg("-np")
         .arg(ranks.to_string())
@@ -80,7 +87,7 @@ fn run(mpirun: &PathBuf, ranks: usize, args: &[&str]) -> Run {
         .args(["--oversubscribe", "--bind-to", "none"])
         // mpirun's own limit, below ours: it kills every rank and says so.
         .args(["--timeout", &(TIMEOUT.as_secs() - 10).to_string()])
-        .arg(env!("CARGO_BIN_EXE_kron-mpi-check"))
+        .arg(program)
         .args(args)
         // CI runs as root, which mpirun refuses without these.
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -120,7 +127,7 @@ fn run(mpirun: &PathBuf, ranks: usize, args: &[&str]) -> Run {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "mpirun -np {ranks} kron-mpi-check {} did not end within {TIMEOUT:?}; killed",
+                "mpirun -np {ranks} {program} {} did not end within {TIMEOUT:?}; killed",
                 args.join(" ")
             );
         }
@@ -129,6 +136,9 @@ fn run(mpirun: &PathBuf, ranks: usize, args: &[&str]) -> Run {
     let elapsed = t.elapsed();
     Run {
         ranks,
+        program: std::path::Path::new(program)
+            .file_name()
+            .map_or(program.into(), |n| n.to_string_lossy().into_owned()),
         args: args.iter().map(|s| s.to_string()).collect(),
         success: status.success(),
         code: status.code(),
@@ -251,4 +261,145 @@ fn a_bad_scenario_is_a_usage_error() {
         .expect("the rank program starts");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage:"));
+}
+
+/// Data-parallel training over MPI: every optimizer on 2 and 4 ranks within 1e-4 of one
+/// process with every rank the same bits, each refresh and root computed once on its owner, a
+/// NaN on one rank and a mismatched setup refused on every rank.
+#[test]
+fn training_over_mpi_matches_one_process_and_refuses_together() {
+    let Some(mpirun) = mpirun() else { return };
+    for ranks in [2, 4] {
+        for check in ["equivalence", "owners", "nan", "mismatch"] {
+            let r = run(&mpirun, ranks, &["train", check]);
+            eprintln!("{ranks} ranks, {check}: {:.1?}", r.elapsed);
+            assert!(r.success, "{}", r.describe());
+            assert!(
+                r.stdout.contains(&format!("train {check}: passed")),
+                "{}",
+                r.describe()
+            );
+        }
+    }
+}
+
+/// A checkpoint rank 0 wrote on 2 ranks resumes on 4 ranks and on 1.
+#[test]
+fn a_checkpoint_from_2_ranks_resumes_on_4_and_on_1() {
+    let Some(mpirun) = mpirun() else { return };
+    let dir = std::env::temp_dir().join(format!("kron-mpi-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("run");
+    let path = path.to_str().unwrap();
+    let r = run(&mpirun, 2, &["train", "save", path]);
+    assert!(r.success, "{}", r.describe());
+    for ranks in [4, 1] {
+        let r = run(&mpirun, ranks, &["train", "resume", path]);
+        assert!(r.success, "{}", r.describe());
+        assert!(
+            r.stdout.contains("train resume: passed"),
+            "{}",
+            r.describe()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The autoencoder and the conv net under mpirun with `--distributed`: rank 0 prints one table,
+/// with the communication time, and its losses are those of one process.
+#[test]
+fn the_examples_train_distributed_as_one_process_does() {
+    use kron_examples::example::{Config, run_example};
+    let Some(mpirun) = mpirun() else { return };
+    let dir = std::env::temp_dir().join(format!("kron-mpi-examples-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (program, ex) in [
+        (
+            env!("CARGO_BIN_EXE_autoencoder"),
+            &kron_examples::autoencoder::EXAMPLE,
+        ),
+        (
+            env!("CARGO_BIN_EXE_convnet"),
+            &kron_examples::convnet::EXAMPLE,
+        ),
+    ] {
+        let csv = dir.join(format!("{}.csv", ex.name));
+        let flags = ["--fast", "--quiet", "--optimizer", "kfac"];
+        let mut args: Vec<&str> = flags.to_vec();
+        args.extend(["--distributed", "--csv", csv.to_str().unwrap()]);
+        let r = run_program(&mpirun, 2, program, &args);
+        assert!(r.success, "{}", r.describe());
+        assert!(
+            r.stdout.contains("data-parallel on 2 ranks (mpi)"),
+            "{}",
+            r.describe()
+        );
+        assert_eq!(
+            r.stdout.matches("curves written to").count(),
+            1,
+            "{}",
+            r.describe()
+        );
+        let one = run_example(
+            ex,
+            &Config::from_args(flags.iter().map(|s| s.to_string())).unwrap(),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let (train, test) = (col("train_loss"), col("test_loss"));
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect())
+            .collect();
+        assert_eq!(rows.len(), one.curves.points.len(), "{text}");
+        for (row, p) in rows.iter().zip(&one.curves.points) {
+            for (cell, want) in [(row[train], p.train_loss), (row[test], p.test_loss)] {
+                let got: f32 = cell.parse().unwrap();
+                assert!(
+                    ((got - want) / want).abs() < 1e-4,
+                    "{}: 2 ranks {got}, one process {want}",
+                    ex.name
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ranks started with other flags refuse to train, every one of them, naming the flag.
+#[test]
+fn ranks_started_with_other_flags_refuse() {
+    let Some(mpirun) = mpirun() else { return };
+    let program = env!("CARGO_BIN_EXE_autoencoder");
+    let common = [
+        "--fast",
+        "--quiet",
+        "--optimizer",
+        "kfac",
+        "--distributed",
+        "--csv",
+        "/dev/null",
+    ];
+    let mut cmd = Command::new(&mpirun);
+    cmd.args(["--oversubscribe", "--bind-to", "none", "--timeout", "110"])
+        .args(["-np", "1", program])
+        .args(common)
+        .args(["--epochs", "2", ":", "-np", "1", program])
+        .args(common)
+        .args(["--epochs", "3"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stdin(Stdio::null());
+    let out = cmd.output().expect("mpirun runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("first at program.epochs"), "{err}");
+    // Both ranks say it.
+    assert!(
+        err.matches("another setup than rank 0").count() >= 2,
+        "{err}"
+    );
 }

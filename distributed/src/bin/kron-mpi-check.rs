@@ -26,7 +26,8 @@ use kron::optim::comm::{BUCKET_ELEMENTS, all_reduce_buffers};
 use kron_mpi::MpiComm;
 
 const USAGE: &str = "usage: mpirun -np N kron-mpi-check SCENARIO\n\
-    scenarios: collectives [--break sum|bits|order|length], panic, die, lengths";
+    scenarios: collectives [--break sum|bits|order|length], panic, die, lengths,\n\
+    train CHECK [PATH] (CHECK: equivalence, owners, nan, mismatch, save PATH, resume PATH)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +41,8 @@ fn main() -> ExitCode {
         ["panic"] => Scenario::Panic,
         ["die"] => Scenario::Die,
         ["lengths"] => Scenario::Lengths,
+        ["train", check] => Scenario::Train(check.to_string(), None),
+        ["train", check, path] => Scenario::Train(check.to_string(), Some(path.into())),
         _ => return usage(&format!("bad arguments {args:?}")),
     };
     let comm = match MpiComm::init() {
@@ -54,6 +57,29 @@ fn main() -> ExitCode {
         Scenario::Panic => panic_scenario(comm),
         Scenario::Die => die(comm),
         Scenario::Lengths => lengths(comm),
+        Scenario::Train(check, path) => train(comm, &check, path.as_deref()),
+    }
+}
+
+/// A data-parallel training check of `kron_examples::data_parallel::check` on every rank;
+/// rank 0 prints its report. Fails on any rank that finds a failure.
+fn train(comm: MpiComm, check: &str, path: Option<&std::path::Path>) -> ExitCode {
+    let dp = kron::DataParallel::new(std::sync::Arc::new(comm));
+    let result = kron_examples::data_parallel::check(check, &dp, path);
+    let rank = dp.rank();
+    // Every handle on the communicator goes before MPI is finalized.
+    drop(dp);
+    match result {
+        Ok(report) => {
+            if rank == 0 {
+                println!("{report}\ntrain {check}: passed");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rank {rank}: train {check}: FAILED\n{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -67,6 +93,7 @@ enum Scenario {
     Panic,
     Die,
     Lengths,
+    Train(String, Option<std::path::PathBuf>),
 }
 
 /// A deliberate fault, for proving that the checks catch one.
