@@ -425,14 +425,15 @@ fn nan(dp: &DataParallel) -> Result<String, String> {
         &mut Rng::new(5),
     );
     match r {
-        Err(OptimError::NonFiniteGradientOnRanks { ranks, .. })
-            if ranks == [last] && values(&params) == before && opt.steps_taken() == 0 =>
+        // The rank that saw it names the parameter; every rank names the rank.
+        Err(e @ OptimError::NonFiniteGradientOnRanks { .. })
+            if matches!(&e, OptimError::NonFiniteGradientOnRanks { ranks, param }
+                if ranks == &[last] && param.is_some() == (dp.rank() == last))
+                && e.to_string().contains(&format!("rank(s) {last}"))
+                && values(&params) == before
+                && opt.steps_taken() == 0 =>
         {
-            Ok(format!(
-                "refused on rank {} of {}, naming rank {last}",
-                dp.rank(),
-                dp.size()
-            ))
+            Ok(format!("rank {} of {}: {e}", dp.rank(), dp.size()))
         }
         other => Err(format!("rank {}: {other:?}", dp.rank())),
     }
@@ -447,7 +448,12 @@ fn mismatch(dp: &DataParallel) -> Result<String, String> {
         Kfac::new(&model, &params, kfac_base().with_damping(lambda)).map_err(|e| e.to_string())?;
     let setup = kron::setup_of(&params, &opt, serde_json::json!({ "batch": BATCH }));
     match dp.check_setup(&setup) {
-        Err(e) if dp.size() > 1 && e.ranks == [last] && e.field.ends_with("damping.lambda") => {
+        Err(e)
+            if dp.size() > 1
+                && e.ranks == [last]
+                && e.field.ends_with("damping.lambda")
+                && e.to_string().contains(&format!("rank {last} has")) =>
+        {
             Ok(e.to_string())
         }
         Ok(()) if dp.size() == 1 => Ok("one rank: nothing to disagree with".into()),

@@ -458,6 +458,8 @@ pub fn run_with(
     let mut step = 0u64;
     let dp = spec.data_parallel.as_ref();
     let lead = dp.is_none_or(|d| d.rank() == 0);
+    // One process is the data-parallel step on one rank: `train_step` itself.
+    let stepper = dp.cloned().unwrap_or_else(DataParallel::single);
     if let Some(d) = dp {
         // Ranks started with other flags, data or seed refuse before the first step.
         let program = serde_json::json!({
@@ -557,26 +559,15 @@ pub fn run_with(
             }
             let tb = gather_targets(&task.train_t, &idx);
             let t0 = Instant::now();
-            let out = match dp {
-                Some(d) => d.train_step(
-                    model.as_ref(),
-                    task.loss,
-                    &mut params,
-                    opt.as_mut(),
-                    &xb,
-                    &tb,
-                    &mut loop_rng,
-                ),
-                None => train_step(
-                    model.as_ref(),
-                    task.loss,
-                    &mut params,
-                    opt.as_mut(),
-                    &xb,
-                    &tb,
-                    &mut loop_rng,
-                ),
-            };
+            let out = stepper.train_step(
+                model.as_ref(),
+                task.loss,
+                &mut params,
+                opt.as_mut(),
+                &xb,
+                &tb,
+                &mut loop_rng,
+            );
             seconds += t0.elapsed().as_secs_f64();
             step += 1;
             match out {

@@ -9,13 +9,13 @@ use kron_optim::{Note, OptimError, Optimizer};
 
 use crate::DataParallel;
 use crate::checkpoint::{CheckpointError, TrainState, load_checkpoint, save_checkpoint};
-use crate::train::{Evaluation, StepOutput, evaluate, predict, train_step};
+use crate::train::{Evaluation, StepOutput, evaluate, predict};
 
 /// The common training loop's state in one value: the model, its [`ParamStore`], the
 /// optimizer, the loss, the loop's generator and the steps taken.
 ///
-/// [`step`](Self::step) is [`train_step`] on these pieces, so a `Trainer` run has the very
-/// bits of the same run written with `train_step`; [`save`](Self::save) and
+/// [`step`](Self::step) is [`train_step`](crate::train_step) on these pieces, so a `Trainer`
+/// run has the very bits of the same run written with `train_step`; [`save`](Self::save) and
 /// [`resume`](Self::resume) go through [`save_checkpoint`] and [`load_checkpoint`], and a
 /// resumed run continues with the bits of the run that never stopped. Programs that want the
 /// pieces apart (two models, a loss of their own) call `train_step` themselves.
@@ -104,33 +104,31 @@ impl<M: Module> Trainer<M> {
         Ok(self)
     }
 
-    /// One training step on a mini-batch ([`train_step`]); the step count advances when it
-    /// succeeds.
+    /// One training step on a mini-batch ([`train_step`](crate::train_step)); the step count
+    /// advances when it succeeds.
     ///
     /// # Errors
-    /// As [`train_step`]: a gradient with NaN or infinity, or an update the optimizer refuses;
-    /// the parameters and the optimizer are left as they were.
+    /// As [`train_step`](crate::train_step): a gradient with NaN or infinity, or an update the
+    /// optimizer refuses; the parameters and the optimizer are left as they were.
     pub fn step(&mut self, inputs: &Tensor, targets: &Targets) -> Result<StepOutput, OptimError> {
-        let out = match &self.data_parallel {
-            Some(dp) => dp.train_step(
-                &self.model,
-                self.loss,
-                &mut self.params,
-                self.optimizer.as_mut(),
-                inputs,
-                targets,
-                &mut self.rng,
-            )?,
-            None => train_step(
-                &self.model,
-                self.loss,
-                &mut self.params,
-                self.optimizer.as_mut(),
-                inputs,
-                targets,
-                &mut self.rng,
-            )?,
+        // One process is the data-parallel step on one rank: `train_step` itself.
+        let one;
+        let dp = match &self.data_parallel {
+            Some(dp) => dp,
+            None => {
+                one = DataParallel::single();
+                &one
+            }
         };
+        let out = dp.train_step(
+            &self.model,
+            self.loss,
+            &mut self.params,
+            self.optimizer.as_mut(),
+            inputs,
+            targets,
+            &mut self.rng,
+        )?;
         self.steps += 1;
         Ok(out)
     }
