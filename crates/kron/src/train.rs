@@ -97,31 +97,32 @@ pub(crate) fn step_on(
             let rows_here = inputs.shape().first().copied().unwrap_or(0);
             // The products' examples: the first `m` of the global batch, of which this rank
             // holds the first `here` of its shard.
-            let (here, of) = match (wants.product_examples, shard) {
-                (Some(m), Some(s)) if m > 0 && m < s.global() => {
-                    (m.saturating_sub(s.first()).min(s.len()), m)
-                }
-                (Some(m), None) if m > 0 && m < rows_here => (m, m),
-                _ => (rows_here, shard.map_or(rows_here, |s| s.global())),
+            let part = shard.map(|s| match wants.product_examples {
+                Some(m) if m > 0 => s.prefix(m),
+                _ => s.clone(),
+            });
+            let here = match (wants.product_examples, &part) {
+                (_, Some(p)) => p.len(),
+                (Some(m), None) if m > 0 && m < rows_here => m,
+                _ => rows_here,
             };
             let sub;
             let curvature_loss = if here < rows_here {
                 // The products on a sub-batch: a forward pass of its own on its first rows.
                 sub = tape_on(&snapshot, &dropout_rng, shard);
-                let out = model.forward(sub.input(first_rows(inputs, here.max(1))));
-                loss.apply(out, &first_targets(targets, here.max(1)))
+                let out = model.forward(sub.input(rows(inputs, 0, here.max(1))));
+                loss.apply(out, &target_rows(targets, 0, here.max(1)))
             } else {
                 l
             };
             let products = TapeCurvature {
                 loss: curvature_loss,
             };
-            let report = match shard {
-                Some(s) => {
+            let report = match part {
+                Some(part) => {
                     let reduced = ReducedProducts {
                         inner: &products,
-                        comm: s.comm(),
-                        weight: here as f64 / of as f64,
+                        part,
                     };
                     opt.step_with_curvature(params, &grads, &captures, &reduced)?
                 }
@@ -238,23 +239,21 @@ fn reduced(
 }
 
 /// Curvature products on this rank's examples, reduced to the global batch's: each rank's
-/// Gram matrix weighted by its share of the products' examples, summed over the ranks.
+/// Gram matrix weighted by its share of the products' examples (`part`, the shard of them it
+/// holds), summed over the ranks.
 struct ReducedProducts<'a> {
     inner: &'a dyn CurvatureProducts,
-    comm: &'a dyn kron_optim::Communicator,
-    weight: f64,
+    part: Shard,
 }
 
 impl CurvatureProducts for ReducedProducts<'_> {
     fn gram(&self, dirs: &[&kron_autodiff::Direction]) -> Vec<f64> {
-        let mut g = if self.weight > 0.0 {
-            let mut g = self.inner.gram(dirs);
-            g.iter_mut().for_each(|x| *x *= self.weight);
-            g
-        } else {
+        let mut g = if self.part.is_empty() {
             vec![0.0; dirs.len() * dirs.len()]
+        } else {
+            self.inner.gram(dirs)
         };
-        self.comm.all_reduce_f64(&mut g);
+        self.part.mean_f64(&mut g);
         g
     }
 }
@@ -272,22 +271,6 @@ pub(crate) fn target_rows(t: &Targets, first: usize, len: usize) -> Targets {
     match t {
         Targets::Classes(c) => Targets::Classes(c[first..first + len].to_vec()),
         Targets::Values(v) => Targets::Values(rows(v, first, len)),
-    }
-}
-
-/// The first `m` rows (examples) of a batch.
-fn first_rows(x: &Tensor, m: usize) -> Tensor {
-    let mut shape = x.shape().to_vec();
-    let row: usize = shape[1..].iter().product();
-    shape[0] = m;
-    Tensor::from_vec(x.data()[..m * row].to_vec(), &shape)
-}
-
-/// The targets of the first `m` examples.
-fn first_targets(t: &Targets, m: usize) -> Targets {
-    match t {
-        Targets::Classes(c) => Targets::Classes(c[..m].to_vec()),
-        Targets::Values(v) => Targets::Values(first_rows(v, m)),
     }
 }
 
