@@ -282,7 +282,15 @@ pub fn relative_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -
 }
 
 /// The names of the checks [`check`] runs.
-pub const CHECKS: [&str; 6] = ["equivalence", "owners", "nan", "mismatch", "save", "resume"];
+pub const CHECKS: [&str; 7] = [
+    "equivalence",
+    "owners",
+    "replicated",
+    "nan",
+    "mismatch",
+    "save",
+    "resume",
+];
 
 /// One check of data-parallel training, run by every rank of `dp` (under `mpirun`, or as
 /// threads); `Ok` carries the lines rank 0 reports, `Err` what failed. `path` is the
@@ -292,6 +300,9 @@ pub const CHECKS: [&str; 6] = ["equivalence", "owners", "nan", "mismatch", "save
 ///   holds the same bits, within 1e-4 relative of one process (which each rank runs itself);
 /// * `owners`: each refresh (KFAC, KFC) and each root (Shampoo) is computed once per period,
 ///   by its owner;
+/// * `replicated`: with the refreshes computed on every rank instead
+///   ([`DataParallel::split_refreshes`]), every optimizer trains to the same bits as with the
+///   split, each rank computing every refresh; ranks that disagree on it refuse to start;
 /// * `nan`: a NaN in the last rank's shard is refused on every rank, naming that rank;
 /// * `mismatch`: the last rank, started with another damping, makes every rank refuse;
 /// * `save`: 10 steps of each of KFAC, two-level KFAC and Shampoo, each checkpointed by rank 0
@@ -306,6 +317,7 @@ pub fn check(
     match name {
         "equivalence" => equivalence(dp),
         "owners" => owners(dp),
+        "replicated" => replicated(dp),
         "nan" => nan(dp),
         "mismatch" => mismatch(dp),
         "save" | "resume" => {
@@ -400,6 +412,66 @@ fn owners(dp: &DataParallel) -> Result<String, String> {
         lines.push(format!(
             "{what}: owners {owners:?}, computed per rank {all:?}, expected {want:?}"
         ));
+    }
+    let report = lines.join("\n");
+    if ok { Ok(report) } else { Err(report) }
+}
+
+fn replicated(dp: &DataParallel) -> Result<String, String> {
+    let everywhere = dp.clone().split_refreshes(false);
+    let mut lines = Vec::new();
+    let mut ok = true;
+    for (name, problem, make) in optimizers() {
+        let split = values(&train(dp, problem, make, 0..STEPS, None).0);
+        let here = values(&train(&everywhere, problem, make, 0..STEPS, None).0);
+        let same = split == here;
+        ok &= same;
+        lines.push(format!(
+            "{name}: split and replicated refreshes give the same bits: {same}"
+        ));
+    }
+    // Every rank computes every refresh (KFAC: all blocks, every 5 steps of 20).
+    let problem = Problem::Classifier;
+    let mut params = ParamStore::new();
+    let model = problem.build(&mut params);
+    let mut opt = Kfac::new(&model, &params, kfac_base()).map_err(|e| e.to_string())?;
+    let mut rng = Rng::new(5);
+    for step in 0..STEPS {
+        let (x, y) = problem.batch(step);
+        everywhere
+            .train_step(
+                &model,
+                problem.loss(),
+                &mut params,
+                &mut opt,
+                &x,
+                &y,
+                &mut rng,
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    let blocks = opt.driver().refresh_owners().len() as f64;
+    let all = dp
+        .comm()
+        .all_gather_f64(&[opt.driver().computed_refreshes() as f64]);
+    let want = vec![4.0 * blocks; dp.size()];
+    ok &= all == want;
+    lines.push(format!(
+        "kfac replicated: computed per rank {all:?}, expected {want:?}"
+    ));
+    // Ranks that disagree on it refuse to start.
+    let last = dp.size() - 1;
+    let mixed = dp.clone().split_refreshes(dp.rank() != last);
+    let setup = kron::setup_of(&params, &opt, serde_json::json!({ "batch": BATCH }));
+    match mixed.check_setup(&setup) {
+        Err(e) if dp.size() > 1 && e.ranks == [last] && e.field.contains("split refreshes") => {
+            lines.push(e.to_string());
+        }
+        Ok(()) if dp.size() == 1 => lines.push("one rank: nothing to disagree with".into()),
+        other => {
+            ok = false;
+            lines.push(format!("rank {}: mixed split: {other:?}", dp.rank()));
+        }
     }
     let report = lines.join("\n");
     if ok { Ok(report) } else { Err(report) }

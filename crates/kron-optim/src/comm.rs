@@ -139,6 +139,7 @@ pub struct Shard {
     first: usize,
     len: usize,
     global: usize,
+    split: bool,
 }
 
 impl std::fmt::Debug for Shard {
@@ -149,6 +150,7 @@ impl std::fmt::Debug for Shard {
             .field("first", &self.first)
             .field("len", &self.len)
             .field("global", &self.global)
+            .field("split", &self.split)
             .finish()
     }
 }
@@ -175,7 +177,24 @@ impl Shard {
             first,
             len,
             global,
+            split: true,
         }
+    }
+
+    /// Whether the optimizer splits its refreshes (inverses, eigenbases, roots) across the
+    /// ranks, each computed by one owner and broadcast (`true`, the default), or has every
+    /// rank compute all of them and send none (`false`): `size` times the arithmetic and no
+    /// traffic, which pays where the network is slow next to the ranks, or for measuring what
+    /// the split saves. Both give the same bits.
+    pub fn with_split_refreshes(mut self, split: bool) -> Shard {
+        self.split = split;
+        self
+    }
+
+    /// Whether the refreshes are split across the ranks ([`Shard::with_split_refreshes`]);
+    /// on one process there is nothing to split.
+    pub fn splits_refreshes(&self) -> bool {
+        self.split && self.is_distributed()
     }
 
     /// The whole batch on one process.
@@ -266,6 +285,7 @@ impl Shard {
             first,
             len: (global - first).min(self.len),
             global,
+            split: self.split,
         }
     }
 

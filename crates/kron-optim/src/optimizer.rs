@@ -67,8 +67,14 @@ pub struct StepReport {
     pub momentum: Option<f32>,
     /// Milliseconds spent updating statistics.
     pub stats_ms: f64,
-    /// Milliseconds spent refreshing inverses.
+    /// Milliseconds spent refreshing inverses (with, in data-parallel training, the sharing of
+    /// their results: `share_ms`).
     pub refresh_ms: f64,
+    /// Milliseconds of the refresh spent sharing results between ranks: the owners'
+    /// broadcasts, which include the wait for the slowest owner. 0 on one process, and when
+    /// every rank computes every refresh ([`Shard::with_split_refreshes`](crate::Shard::with_split_refreshes)).
+    #[serde(default)]
+    pub share_ms: f64,
     /// Milliseconds spent preconditioning and updating parameters.
     pub update_ms: f64,
 }

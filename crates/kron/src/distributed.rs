@@ -20,14 +20,19 @@ use crate::train::{StepOutput, step_on};
 struct Timed {
     inner: Arc<dyn Communicator>,
     nanos: AtomicU64,
+    calls: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Timed {
-    fn time<R>(&self, f: impl FnOnce() -> R) -> R {
+    /// Runs one collective of `bytes(result)` bytes (the payload every rank ends with).
+    fn time<R>(&self, f: impl FnOnce() -> R, bytes: impl FnOnce(&R) -> usize) -> R {
         let t = Instant::now();
         let r = f();
         self.nanos
             .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes(&r) as u64, Ordering::Relaxed);
         r
     }
 }
@@ -43,19 +48,22 @@ impl Communicator for Timed {
         self.inner.size()
     }
     fn all_reduce_f32(&self, buf: &mut [f32]) {
-        self.time(|| self.inner.all_reduce_f32(buf))
+        let n = 4 * buf.len();
+        self.time(|| self.inner.all_reduce_f32(buf), |_| n)
     }
     fn all_reduce_f64(&self, buf: &mut [f64]) {
-        self.time(|| self.inner.all_reduce_f64(buf))
+        let n = 8 * buf.len();
+        self.time(|| self.inner.all_reduce_f64(buf), |_| n)
     }
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) {
-        self.time(|| self.inner.broadcast_bytes(buf, root))
+        self.time(|| self.inner.broadcast_bytes(buf, root), |_| 0);
+        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
     }
     fn all_gather_f64(&self, values: &[f64]) -> Vec<f64> {
-        self.time(|| self.inner.all_gather_f64(values))
+        self.time(|| self.inner.all_gather_f64(values), |all| 8 * all.len())
     }
     fn barrier(&self) {
-        self.time(|| self.inner.barrier())
+        self.time(|| self.inner.barrier(), |_| 0)
     }
 }
 
@@ -84,6 +92,7 @@ impl Communicator for Timed {
 #[derive(Clone)]
 pub struct DataParallel {
     comm: Arc<Timed>,
+    split: bool,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -92,6 +101,7 @@ impl std::fmt::Debug for DataParallel {
             .field("transport", &self.comm.name())
             .field("rank", &self.rank())
             .field("size", &self.size())
+            .field("split_refreshes", &self.split)
             .finish()
     }
 }
@@ -137,8 +147,21 @@ impl DataParallel {
             comm: Arc::new(Timed {
                 inner: comm,
                 nanos: AtomicU64::new(0),
+                calls: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
             }),
+            split: true,
         }
+    }
+
+    /// Whether the optimizer's refreshes (inverses, eigenbases, roots) are split across the
+    /// ranks, each computed by one owner chosen by cost and broadcast (`true`, the default), or
+    /// computed by every rank, with no broadcast (`false`): see
+    /// [`Shard::with_split_refreshes`](kron_optim::Shard::with_split_refreshes). Both train
+    /// to the same bits.
+    pub fn split_refreshes(mut self, split: bool) -> Self {
+        self.split = split;
+        self
     }
 
     /// One process (the default transport, which does nothing).
@@ -166,9 +189,22 @@ impl DataParallel {
         self.comm.nanos.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
+    /// Collectives called so far (every all-reduce, broadcast, all-gather and barrier): the
+    /// count a latency (`α`) term of a communication model multiplies.
+    pub fn comm_calls(&self) -> u64 {
+        self.comm.calls.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the collectives' payloads so far: an all-reduce's buffer, a broadcast's
+    /// message, an all-gather's result, each counted once per call (what a bandwidth (`β`)
+    /// term of a communication model multiplies, before the algorithm's factor).
+    pub fn comm_bytes(&self) -> u64 {
+        self.comm.bytes.load(Ordering::Relaxed)
+    }
+
     /// This rank's shard of a global batch of `global` examples.
     pub fn shard(&self, global: usize) -> Shard {
-        Shard::of(self.comm.clone(), global)
+        Shard::of(self.comm.clone(), global).with_split_refreshes(self.split)
     }
 
     /// One training step on this rank's shard of the global batch `inputs`/`targets`: see
@@ -207,14 +243,24 @@ impl DataParallel {
         step_on(Some(&shard), model, loss, params, opt, inputs, targets, rng)
     }
 
-    /// Checks that every rank was started with the same `setup` (see [`setup_of`]): rank 0
-    /// broadcasts its own, each rank compares, and all of them refuse when any differs, with
+    /// Checks that every rank was started with the same `setup` (see [`setup_of`]) and the same
+    /// [`DataParallel::split_refreshes`]: rank 0 broadcasts its own, each rank compares, and all of them refuse when any differs, with
     /// the first difference of the first differing rank.
     ///
     /// # Errors
     /// [`SetupMismatch`], on every rank alike.
     pub fn check_setup(&self, setup: &serde_json::Value) -> Result<(), SetupMismatch> {
         let comm = self.comm();
+        // The ranks must also agree on how they share the refreshes (owners broadcasting, or
+        // none): otherwise one would wait on a broadcast another never sends.
+        let mut setup = setup.clone();
+        if let Some(map) = setup.as_object_mut() {
+            map.insert(
+                "data-parallel".into(),
+                serde_json::json!({ "split refreshes": self.split }),
+            );
+        }
+        let setup = &setup;
         let mut bytes = serde_json::to_vec(setup).expect("a setup serializes");
         comm.broadcast_bytes(&mut bytes, 0);
         let rank0: serde_json::Value =

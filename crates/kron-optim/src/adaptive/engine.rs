@@ -767,7 +767,7 @@ impl<R: FactorRule> Optimizer for Adaptive<R> {
         let steps = match shard {
             // In data-parallel training a refresh step runs in three passes: statistics and the
             // roots this rank owns; the owners' roots broadcast; the preconditioning.
-            Some(shard) if t.is_multiple_of(cfg.refresh.period) => {
+            Some(shard) if t.is_multiple_of(cfg.refresh.period) && shard.splits_refreshes() => {
                 let owners = self.root_owners();
                 let me = shard.comm().rank();
                 let owned: Vec<Vec<Vec<bool>>> = owners
@@ -785,7 +785,9 @@ impl<R: FactorRule> Optimizer for Adaptive<R> {
                     owned: Some(o),
                 };
                 let mut steps = self.stages(grads, t, &owned, phases);
+                let t_share = Instant::now();
                 self.share_roots(&shard, &owners, &mut steps);
+                report.share_ms = t_share.elapsed().as_secs_f64() * 1e3;
                 let apply = Phases {
                     stats: false,
                     refresh: false,

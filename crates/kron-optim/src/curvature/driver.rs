@@ -318,7 +318,8 @@ impl<B: CurvatureBlock> Driver<B> {
 
     /// The rank that computes each block's refresh, in block order: blocks are assigned by
     /// their refresh cost ([`CurvatureBlock::refresh_cost`]), greedily, so the ranks share the
-    /// work about evenly. All 0 on one process.
+    /// work about evenly. All 0 on one process. When the refreshes are not split
+    /// ([`Shard::with_split_refreshes`]) every rank computes every block's instead.
     pub fn refresh_owners(&self) -> Vec<usize> {
         let size = self.shard.as_ref().map_or(1, |s| s.comm().size());
         let costs: Vec<f64> = self.blocks.iter().map(|b| b.refresh_cost()).collect();
@@ -847,8 +848,13 @@ impl<B: CurvatureBlock> Driver<B> {
         let be = self.backend.as_ref();
         let lambda = self.damping as f64;
         let policy = self.config.refresh.failure;
-        let shard = self.shard.clone().filter(|s| s.is_distributed());
-        let owners = self.refresh_owners();
+        // Split: each block on its owner, then broadcast. Replicated (or one process): every
+        // block here, as rank 0 of one.
+        let shard = self.shard.clone().filter(|s| s.splits_refreshes());
+        let owners = match shard {
+            Some(_) => self.refresh_owners(),
+            None => vec![0; self.blocks.len()],
+        };
         let me = shard.as_ref().map_or(0, |s| s.comm().rank());
         let mut results: Vec<(bool, Option<Note>)> = self
             .blocks
@@ -869,7 +875,9 @@ impl<B: CurvatureBlock> Driver<B> {
             .filter(|(b, o)| b.has_statistics() && **o == me)
             .count() as u64;
         if let Some(shard) = shard {
+            let t = Instant::now();
             self.share_refreshes(&shard, &owners, &mut results);
+            report.share_ms = t.elapsed().as_secs_f64() * 1e3;
         }
         let be = self.backend.as_ref();
         report.refreshed = results.iter().any(|(ok, _)| *ok);
