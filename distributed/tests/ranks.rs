@@ -265,13 +265,21 @@ fn a_bad_scenario_is_a_usage_error() {
 
 /// Data-parallel training over MPI: every optimizer on 2 and 4 ranks within 1e-4 of one
 /// process with every rank the same bits, each refresh and root computed once on its owner (or
-/// on every rank, to the same bits, when not split), a NaN on one rank and a mismatched setup
+/// on every rank, to the same bits, when not split), each direction computed by its owner to
+/// the same bits as on every rank, a NaN on one rank and a mismatched setup
 /// refused on every rank.
 #[test]
 fn training_over_mpi_matches_one_process_and_refuses_together() {
     let Some(mpirun) = mpirun() else { return };
     for ranks in [2, 4] {
-        for check in ["equivalence", "owners", "replicated", "nan", "mismatch"] {
+        for check in [
+            "equivalence",
+            "owners",
+            "replicated",
+            "directions",
+            "nan",
+            "mismatch",
+        ] {
             let r = run(&mpirun, ranks, &["train", check]);
             eprintln!("{ranks} ranks, {check}: {:.1?}", r.elapsed);
             assert!(r.success, "{}", r.describe());

@@ -282,10 +282,11 @@ pub fn relative_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -
 }
 
 /// The names of the checks [`check`] runs.
-pub const CHECKS: [&str; 7] = [
+pub const CHECKS: [&str; 8] = [
     "equivalence",
     "owners",
     "replicated",
+    "directions",
     "nan",
     "mismatch",
     "save",
@@ -303,6 +304,9 @@ pub const CHECKS: [&str; 7] = [
 /// * `replicated`: with the refreshes computed on every rank instead
 ///   ([`DataParallel::split_refreshes`]), every optimizer trains to the same bits as with the
 ///   split, each rank computing every refresh; ranks that disagree on it refuse to start;
+/// * `directions`: with each block's direction computed by its owner and broadcast
+///   ([`DataParallel::split_directions`]), every optimizer trains to the same bits as with
+///   every rank computing all of them;
 /// * `nan`: a NaN in the last rank's shard is refused on every rank, naming that rank;
 /// * `mismatch`: the last rank, started with another damping, makes every rank refuse;
 /// * `save`: 10 steps of each of KFAC, two-level KFAC and Shampoo, each checkpointed by rank 0
@@ -318,6 +322,7 @@ pub fn check(
         "equivalence" => equivalence(dp),
         "owners" => owners(dp),
         "replicated" => replicated(dp),
+        "directions" => directions(dp),
         "nan" => nan(dp),
         "mismatch" => mismatch(dp),
         "save" | "resume" => {
@@ -472,6 +477,23 @@ fn replicated(dp: &DataParallel) -> Result<String, String> {
             ok = false;
             lines.push(format!("rank {}: mixed split: {other:?}", dp.rank()));
         }
+    }
+    let report = lines.join("\n");
+    if ok { Ok(report) } else { Err(report) }
+}
+
+fn directions(dp: &DataParallel) -> Result<String, String> {
+    let owners = dp.clone().split_directions(true);
+    let mut lines = Vec::new();
+    let mut ok = true;
+    for (name, problem, make) in optimizers() {
+        let everywhere = values(&train(dp, problem, make, 0..STEPS, None).0);
+        let split = values(&train(&owners, problem, make, 0..STEPS, None).0);
+        let same = split == everywhere && agreed(dp, &split);
+        ok &= same;
+        lines.push(format!(
+            "{name}: directions by their owners give the same bits on every rank: {same}"
+        ));
     }
     let report = lines.join("\n");
     if ok { Ok(report) } else { Err(report) }

@@ -23,7 +23,14 @@ fn temp(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn the_checks_pass_on_2_3_and_4_ranks() {
-    for name in ["equivalence", "owners", "replicated", "nan", "mismatch"] {
+    for name in [
+        "equivalence",
+        "owners",
+        "replicated",
+        "directions",
+        "nan",
+        "mismatch",
+    ] {
         for ranks in [2, 3, 4] {
             for (rank, r) in on_ranks(ranks, move |dp| check(name, &dp, None))
                 .into_iter()

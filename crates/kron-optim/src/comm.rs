@@ -140,6 +140,7 @@ pub struct Shard {
     len: usize,
     global: usize,
     split: bool,
+    directions: bool,
 }
 
 impl std::fmt::Debug for Shard {
@@ -151,6 +152,7 @@ impl std::fmt::Debug for Shard {
             .field("len", &self.len)
             .field("global", &self.global)
             .field("split", &self.split)
+            .field("directions", &self.directions)
             .finish()
     }
 }
@@ -178,6 +180,7 @@ impl Shard {
             len,
             global,
             split: true,
+            directions: false,
         }
     }
 
@@ -189,6 +192,24 @@ impl Shard {
     pub fn with_split_refreshes(mut self, split: bool) -> Shard {
         self.split = split;
         self
+    }
+
+    /// Whether each block's preconditioned direction is computed by one rank, the owner of
+    /// its refresh, and broadcast (`true`: KAISA's gradient workers at a fraction `1/size`),
+    /// or computed by every rank (`false`, the default). Splitting divides the
+    /// preconditioning's arithmetic by about `size` and sends the directions, about the
+    /// gradient's size, every step. Both give the same bits. It applies to the methods whose
+    /// blocks have refreshes split by owner (KFAC, KFC, two-level KFAC); Shampoo and KrADagrad
+    /// precondition on every rank.
+    pub fn with_split_directions(mut self, split: bool) -> Shard {
+        self.directions = split;
+        self
+    }
+
+    /// Whether the directions are split across the ranks ([`Shard::with_split_directions`]):
+    /// only with the refreshes split too, and more than one rank.
+    pub fn splits_directions(&self) -> bool {
+        self.directions && self.splits_refreshes()
     }
 
     /// Whether the refreshes are split across the ranks ([`Shard::with_split_refreshes`]);
@@ -286,6 +307,7 @@ impl Shard {
             len: (global - first).min(self.len),
             global,
             split: self.split,
+            directions: self.directions,
         }
     }
 

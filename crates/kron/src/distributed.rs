@@ -93,6 +93,7 @@ impl Communicator for Timed {
 pub struct DataParallel {
     comm: Arc<Timed>,
     split: bool,
+    directions: bool,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -102,6 +103,7 @@ impl std::fmt::Debug for DataParallel {
             .field("rank", &self.rank())
             .field("size", &self.size())
             .field("split_refreshes", &self.split)
+            .field("split_directions", &self.directions)
             .finish()
     }
 }
@@ -151,7 +153,18 @@ impl DataParallel {
                 bytes: AtomicU64::new(0),
             }),
             split: true,
+            directions: false,
         }
+    }
+
+    /// Whether each block's preconditioned direction is computed by the owner of its refresh
+    /// only and broadcast (`true`: KAISA's gradient workers at a fraction `1/size`), or by
+    /// every rank (`false`, the default): see
+    /// [`Shard::with_split_directions`](kron_optim::Shard::with_split_directions). It applies
+    /// with the refreshes split, to KFAC, KFC and two-level KFAC. Both train to the same bits.
+    pub fn split_directions(mut self, split: bool) -> Self {
+        self.directions = split;
+        self
     }
 
     /// Whether the optimizer's refreshes (inverses, eigenbases, roots) are split across the
@@ -204,7 +217,9 @@ impl DataParallel {
 
     /// This rank's shard of a global batch of `global` examples.
     pub fn shard(&self, global: usize) -> Shard {
-        Shard::of(self.comm.clone(), global).with_split_refreshes(self.split)
+        Shard::of(self.comm.clone(), global)
+            .with_split_refreshes(self.split)
+            .with_split_directions(self.directions)
     }
 
     /// One training step on this rank's shard of the global batch `inputs`/`targets`: see
@@ -244,20 +259,23 @@ impl DataParallel {
     }
 
     /// Checks that every rank was started with the same `setup` (see [`setup_of`]) and the same
-    /// [`DataParallel::split_refreshes`]: rank 0 broadcasts its own, each rank compares, and all of them refuse when any differs, with
+    /// [`DataParallel::split_refreshes`] and [`DataParallel::split_directions`]: rank 0 broadcasts its own, each rank compares, and all of them refuse when any differs, with
     /// the first difference of the first differing rank.
     ///
     /// # Errors
     /// [`SetupMismatch`], on every rank alike.
     pub fn check_setup(&self, setup: &serde_json::Value) -> Result<(), SetupMismatch> {
         let comm = self.comm();
-        // The ranks must also agree on how they share the refreshes (owners broadcasting, or
-        // none): otherwise one would wait on a broadcast another never sends.
+        // The ranks must also agree on how they share the refreshes and the directions (owners
+        // broadcasting, or none): otherwise one would wait on a broadcast another never sends.
         let mut setup = setup.clone();
         if let Some(map) = setup.as_object_mut() {
             map.insert(
                 "data-parallel".into(),
-                serde_json::json!({ "split refreshes": self.split }),
+                serde_json::json!({
+                    "split refreshes": self.split,
+                    "split directions": self.directions,
+                }),
             );
         }
         let setup = &setup;

@@ -27,8 +27,8 @@ use kron_mpi::MpiComm;
 
 const USAGE: &str = "usage: mpirun -np N kron-mpi-check SCENARIO\n\
     scenarios: collectives [--break sum|bits|order|length], panic, die, lengths,\n\
-    train CHECK [PATH] (CHECK: equivalence, owners, replicated, nan, mismatch, save PATH,\n\
-    resume PATH)";
+    train CHECK [PATH] (CHECK: equivalence, owners, replicated, directions, nan, mismatch,\n\
+    save PATH, resume PATH)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

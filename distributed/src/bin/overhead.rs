@@ -1,13 +1,15 @@
 //! What data-parallel training costs over MPI: `mpirun -np N -x RAYON_NUM_THREADS=1 overhead
 //! [--steps S] [--batch B]` trains the autoencoder example (784-1000-500-250-30 and back, on
-//! the bundled MNIST digits, the example's own recipes) with SGD, with KFAC as the example runs
-//! it (refreshes split across the ranks, each computed by its owner and broadcast), and with
-//! the same KFAC computing every refresh on every rank, and prints on rank 0, per step: the
-//! step's time, the time in collectives (transfers and the wait for the slowest rank), the
-//! compute (the rest), and per refresh step the refresh's time and the part of it spent
-//! sharing the results; the optimizer's statistics (with their reduction) and its
-//! preconditioning and update per step; and the collectives per step and their payload, the counts an
-//! alpha-beta model of the network multiplies (the book's "Training on many machines").
+//! the bundled MNIST digits, the example's own recipes) with SGD; with KFAC as the example runs
+//! it (refreshes split across the ranks, each computed by its owner and broadcast); with the
+//! same KFAC computing every refresh on every rank; and with each block's direction computed
+//! by its owner too (KAISA's gradient workers at a fraction `1/N`); and with Shampoo (its
+//! roots split, every 20 steps from step 20). Rank 0 prints, per step:
+//! the step's time; the time in collectives (transfers and the wait for the slowest rank); the
+//! compute (the rest); per refresh step, the refresh's time and the part of it spent sharing
+//! the results; the optimizer's statistics (with their reduction) and its preconditioning and
+//! update; and the collectives and their payload, the counts an alpha-beta model of the
+//! network multiplies (the book's "Training on many machines").
 //!
 //! Run it with 1 rank for the baseline and with 2 for the split, one core per rank
 //! (`RAYON_NUM_THREADS=1`): more ranks than cores measure the scheduler, not kron.
@@ -61,14 +63,29 @@ fn main() -> ExitCode {
     };
     let lead = comm.rank() == 0;
     let threads = rayon::current_num_threads();
+    // (name, optimizer, refreshes split, directions split)
     let runs = [
-        ("SGD", OptimizerKind::Sgd, true),
-        ("KFAC, refreshes split", OptimizerKind::Kfac, true),
-        ("KFAC, refreshes on every rank", OptimizerKind::Kfac, false),
+        ("SGD", OptimizerKind::Sgd, true, false),
+        ("KFAC, refreshes split", OptimizerKind::Kfac, true, false),
+        (
+            "KFAC, refreshes on every rank",
+            OptimizerKind::Kfac,
+            false,
+            false,
+        ),
+        (
+            "KFAC, refreshes and directions split",
+            OptimizerKind::Kfac,
+            true,
+            true,
+        ),
+        ("Shampoo, roots split", OptimizerKind::Shampoo, true, false),
     ];
     let mut rows = Vec::new();
-    for (name, kind, split) in runs {
-        let dp = DataParallel::new(comm.clone()).split_refreshes(split);
+    for (name, kind, split, directions) in runs {
+        let dp = DataParallel::new(comm.clone())
+            .split_refreshes(split)
+            .split_directions(directions);
         match measure(&dp, kind, steps, batch) {
             Ok(t) => rows.push((name, t)),
             Err(e) => {
@@ -96,6 +113,9 @@ fn main() -> ExitCode {
             let (step, comm) = (t.step_ms / n, t.comm_ms / n);
             let refresh = if t.refreshes == 0 {
                 "-".to_string()
+            } else if t.refresh_ms == 0.0 {
+                // Shampoo and KrADagrad compute their roots in the statistics stage.
+                format!("in statistics ({} steps)", t.refreshes)
             } else {
                 format!("{:.1} ({} steps)", t.refresh_ms / r, t.refreshes)
             };
