@@ -4,6 +4,7 @@
 //! that they skipped, unless the environment variable `CI` is set (and not `0` or `false`):
 //! then they fail, so that CI never skips them silently.
 
+use kron_examples::data_parallel::checks_without_path;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -272,14 +273,7 @@ fn a_bad_scenario_is_a_usage_error() {
 fn training_over_mpi_matches_one_process_and_refuses_together() {
     let Some(mpirun) = mpirun() else { return };
     for ranks in [2, 4] {
-        for check in [
-            "equivalence",
-            "owners",
-            "replicated",
-            "directions",
-            "nan",
-            "mismatch",
-        ] {
+        for check in checks_without_path() {
             let r = run(&mpirun, ranks, &["train", check]);
             eprintln!("{ranks} ranks, {check}: {:.1?}", r.elapsed);
             assert!(r.success, "{}", r.describe());

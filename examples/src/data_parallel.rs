@@ -281,6 +281,13 @@ pub fn relative_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -
         .fold(0.0, f64::max)
 }
 
+/// The checks of [`CHECKS`] that take no checkpoint path.
+pub fn checks_without_path() -> impl Iterator<Item = &'static str> {
+    CHECKS
+        .into_iter()
+        .filter(|c| !matches!(*c, "save" | "resume"))
+}
+
 /// The names of the checks [`check`] runs.
 pub const CHECKS: [&str; 8] = [
     "equivalence",
@@ -424,17 +431,7 @@ fn owners(dp: &DataParallel) -> Result<String, String> {
 
 fn replicated(dp: &DataParallel) -> Result<String, String> {
     let everywhere = dp.clone().split_refreshes(false);
-    let mut lines = Vec::new();
-    let mut ok = true;
-    for (name, problem, make) in optimizers() {
-        let split = values(&train(dp, problem, make, 0..STEPS, None).0);
-        let here = values(&train(&everywhere, problem, make, 0..STEPS, None).0);
-        let same = split == here;
-        ok &= same;
-        lines.push(format!(
-            "{name}: split and replicated refreshes give the same bits: {same}"
-        ));
-    }
+    let (mut lines, mut ok) = same_bits(dp, &everywhere, "refreshes on every rank");
     // Every rank computes every refresh (KFAC: all blocks, every 5 steps of 20).
     let problem = Problem::Classifier;
     let mut params = ParamStore::new();
@@ -484,19 +481,26 @@ fn replicated(dp: &DataParallel) -> Result<String, String> {
 
 fn directions(dp: &DataParallel) -> Result<String, String> {
     let owners = dp.clone().split_directions(true);
+    let (lines, ok) = same_bits(dp, &owners, "directions by their owners");
+    let report = lines.join("\n");
+    if ok { Ok(report) } else { Err(report) }
+}
+
+/// Whether every optimizer trains to the same bits on `variant` as on `dp`, every rank
+/// agreeing: a line per optimizer, and whether all of them did.
+fn same_bits(dp: &DataParallel, variant: &DataParallel, what: &str) -> (Vec<String>, bool) {
     let mut lines = Vec::new();
     let mut ok = true;
     for (name, problem, make) in optimizers() {
-        let everywhere = values(&train(dp, problem, make, 0..STEPS, None).0);
-        let split = values(&train(&owners, problem, make, 0..STEPS, None).0);
-        let same = split == everywhere && agreed(dp, &split);
+        let base = values(&train(dp, problem, make, 0..STEPS, None).0);
+        let other = values(&train(variant, problem, make, 0..STEPS, None).0);
+        let same = other == base && agreed(dp, &other);
         ok &= same;
         lines.push(format!(
-            "{name}: directions by their owners give the same bits on every rank: {same}"
+            "{name}: {what} give the same bits on every rank: {same}"
         ));
     }
-    let report = lines.join("\n");
-    if ok { Ok(report) } else { Err(report) }
+    (lines, ok)
 }
 
 fn nan(dp: &DataParallel) -> Result<String, String> {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use kron::DataParallel;
 use kron::prelude::*;
 use kron_examples::data_parallel::{
-    Problem, check, kfac_base, on_threads as on_ranks, optimizers, relative_difference, train,
-    values,
+    Problem, check, checks_without_path, kfac_base, on_threads as on_ranks, optimizers,
+    relative_difference, train, values,
 };
 
 /// A path named `name` in this test process's scratch directory.
@@ -23,14 +23,7 @@ fn temp(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn the_checks_pass_on_2_3_and_4_ranks() {
-    for name in [
-        "equivalence",
-        "owners",
-        "replicated",
-        "directions",
-        "nan",
-        "mismatch",
-    ] {
+    for name in checks_without_path() {
         for ranks in [2, 3, 4] {
             for (rank, r) in on_ranks(ranks, move |dp| check(name, &dp, None))
                 .into_iter()
