@@ -4,12 +4,13 @@
 //! that they skipped, unless the environment variable `CI` is set (and not `0` or `false`):
 //! then they fail, so that CI never skips them silently.
 
-use kron_examples::data_parallel::checks_without_path;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use kron_examples::data_parallel::checks_without_path;
 
 /// How long one `mpirun` may take before it is killed and the test fails.
 const TIMEOUT: Duration = Duration::from_secs(120);

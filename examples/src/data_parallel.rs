@@ -380,16 +380,26 @@ fn equivalence(dp: &DataParallel) -> Result<String, String> {
     }
 }
 
+/// [`STEPS`] steps of `opt` on `problem` from `params`, on `dp`'s ranks.
+fn steps_on(
+    dp: &DataParallel,
+    opt: &mut dyn Optimizer,
+    problem: Problem,
+    params: &mut ParamStore,
+) -> Result<(), String> {
+    let model = problem.build(&mut ParamStore::new());
+    let mut rng = Rng::new(5);
+    for step in 0..STEPS {
+        let (x, y) = problem.batch(step);
+        dp.train_step(&model, problem.loss(), params, opt, &x, &y, &mut rng)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn owners(dp: &DataParallel) -> Result<String, String> {
     let steps = |opt: &mut dyn Optimizer, problem: Problem, params: &mut ParamStore| {
-        let model = problem.build(&mut ParamStore::new());
-        let mut rng = Rng::new(5);
-        for step in 0..STEPS {
-            let (x, y) = problem.batch(step);
-            dp.train_step(&model, problem.loss(), params, opt, &x, &y, &mut rng)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok::<(), String>(())
+        steps_on(dp, opt, problem, params)
     };
     let mut lines = Vec::new();
     // (what, computed here, owners of every item, refreshes per item in 20 steps)
@@ -437,21 +447,7 @@ fn replicated(dp: &DataParallel) -> Result<String, String> {
     let mut params = ParamStore::new();
     let model = problem.build(&mut params);
     let mut opt = Kfac::new(&model, &params, kfac_base()).map_err(|e| e.to_string())?;
-    let mut rng = Rng::new(5);
-    for step in 0..STEPS {
-        let (x, y) = problem.batch(step);
-        everywhere
-            .train_step(
-                &model,
-                problem.loss(),
-                &mut params,
-                &mut opt,
-                &x,
-                &y,
-                &mut rng,
-            )
-            .map_err(|e| e.to_string())?;
-    }
+    steps_on(&everywhere, &mut opt, problem, &mut params)?;
     let blocks = opt.driver().refresh_owners().len() as f64;
     let all = dp
         .comm()
