@@ -248,3 +248,19 @@ fn a_run_that_stopped_early_exits_non_zero() {
     );
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn distributed_without_a_transport_is_refused() {
+    let (code, _, err) = cli(
+        &autoencoder::EXAMPLE,
+        &["--fast", "--optimizer", "kfac", "--distributed"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--distributed") && err.contains("mpirun"),
+        "{err}"
+    );
+    // And it belongs to a single run.
+    let e = flags(&["--distributed", "--compare"]).unwrap_err();
+    assert!(e.contains("--distributed belongs to a single run"), "{e}");
+}

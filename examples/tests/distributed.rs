@@ -1,9 +1,9 @@
 //! `--distributed`: the autoencoder and the conv net trained data-parallel (on ranks that are
-//! threads of this process) report what one process reports, rank 0 alone printing; a build
-//! without a transport refuses the flag with a message.
+//! threads of this process) report what one process reports, rank 0 alone printing (a build
+//! without a transport refusing the flag is in `bad_input.rs`).
 
 use kron_examples::data_parallel::on_threads;
-use kron_examples::example::{Config, Example, Summary, cli_main, run_example, run_example_on};
+use kron_examples::example::{Config, Example, Summary, run_example, run_example_on};
 
 fn config(optimizer: &str) -> Config {
     let args = ["--fast", "--quiet", "--optimizer", optimizer];
@@ -50,29 +50,4 @@ fn distributed_runs_report_what_one_process_reports() {
             .find(|n| n.starts_with("data-parallel on 2 ranks"));
         assert!(note.is_some(), "{:?}", two[0].notes);
     }
-}
-
-#[test]
-fn distributed_without_a_transport_is_refused() {
-    let ex = &kron_examples::autoencoder::EXAMPLE;
-    let args = ["--fast", "--optimizer", "kfac", "--distributed"];
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = cli_main(
-        ex,
-        args.iter().map(|s| s.to_string()).collect(),
-        &mut out,
-        &mut err,
-    );
-    let err = String::from_utf8(err).unwrap();
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("--distributed") && err.contains("mpirun"),
-        "{err}"
-    );
-    // And it belongs to a single run.
-    let e = Config::from_args(["--distributed".to_string(), "--compare".to_string()]).unwrap_err();
-    assert!(
-        e.0.contains("--distributed belongs to a single run"),
-        "{e:?}"
-    );
 }

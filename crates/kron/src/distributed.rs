@@ -56,8 +56,12 @@ impl Communicator for Timed {
         self.time(|| self.inner.all_reduce_f64(buf), |_| n)
     }
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) {
-        self.time(|| self.inner.broadcast_bytes(buf, root), |_| 0);
-        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        // The message's length, which the other ranks learn from the broadcast.
+        let received = || {
+            self.inner.broadcast_bytes(buf, root);
+            buf.len()
+        };
+        self.time(received, |&n| n);
     }
     fn all_gather_f64(&self, values: &[f64]) -> Vec<f64> {
         self.time(|| self.inner.all_gather_f64(values), |all| 8 * all.len())

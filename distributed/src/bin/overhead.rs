@@ -24,7 +24,7 @@ use kron::prelude::*;
 use kron_examples::autoencoder::EXAMPLE;
 use kron_examples::example::Config;
 use kron_examples::train::{
-    BackendKind, OptimizerKind, default_optimizer, gather_rows, gather_targets,
+    BackendKind, OptimizerKind, Task, default_optimizer, gather_rows, gather_targets,
 };
 use kron_mpi::MpiComm;
 
@@ -81,12 +81,19 @@ fn main() -> ExitCode {
         ),
         ("Shampoo, roots split", OptimizerKind::Shampoo, true, false),
     ];
+    let task = match (EXAMPLE.task)(&Config::default(), &EXAMPLE.sizes) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("overhead: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut rows = Vec::new();
     for (name, kind, split, directions) in runs {
         let dp = DataParallel::new(comm.clone())
             .split_refreshes(split)
             .split_directions(directions);
-        match measure(&dp, kind, steps, batch) {
+        match measure(&dp, &task, kind, steps, batch) {
             Ok(t) => rows.push((name, t)),
             Err(e) => {
                 eprintln!("overhead: rank {}: {name}: {e}", comm.rank());
@@ -166,11 +173,11 @@ fn parse(args: &[String]) -> Result<(usize, usize), String> {
 /// data, and times every step after the first.
 fn measure(
     dp: &DataParallel,
+    task: &Task,
     kind: OptimizerKind,
     steps: usize,
     batch: usize,
 ) -> Result<Timing, String> {
-    let task = (EXAMPLE.task)(&Config::default(), &EXAMPLE.sizes)?;
     let n = task.len();
     if batch > n {
         return Err(format!(
@@ -179,7 +186,7 @@ fn measure(
     }
     let mut params = ParamStore::new();
     let mut rng = Rng::new(0);
-    let model = (EXAMPLE.model)(&task, &mut params, &mut rng);
+    let model = (EXAMPLE.model)(task, &mut params, &mut rng);
     let lr = EXAMPLE
         .lrs
         .iter()

@@ -326,6 +326,15 @@ impl<B: CurvatureBlock> Driver<B> {
         assign_by_cost(&costs, size)
     }
 
+    /// Each block's owner and this rank's index when `split` shares work by owner
+    /// ([`Driver::refresh_owners`]); otherwise every block is this rank's, as rank 0 of one.
+    fn owners_on(&self, split: Option<&Shard>) -> (Vec<usize>, usize) {
+        match split {
+            Some(s) => (self.refresh_owners(), s.comm().rank()),
+            None => (vec![0; self.blocks.len()], 0),
+        }
+    }
+
     /// The reduction ratio ρ of the last adaptation, if any.
     pub fn last_reduction_ratio(&self) -> Option<f32> {
         self.last_rho
@@ -851,11 +860,7 @@ impl<B: CurvatureBlock> Driver<B> {
         // Split: each block on its owner, then broadcast. Replicated (or one process): every
         // block here, as rank 0 of one.
         let shard = self.shard.clone().filter(|s| s.splits_refreshes());
-        let owners = match shard {
-            Some(_) => self.refresh_owners(),
-            None => vec![0; self.blocks.len()],
-        };
-        let me = shard.as_ref().map_or(0, |s| s.comm().rank());
+        let (owners, me) = self.owners_on(shard.as_ref());
         let mut results: Vec<(bool, Option<Note>)> = self
             .blocks
             .par_iter()
@@ -916,11 +921,7 @@ impl<B: CurvatureBlock> Driver<B> {
         // broadcast (KAISA's gradient workers at a fraction 1/p); otherwise every rank computes
         // every block's.
         let split = self.shard.clone().filter(|s| s.splits_directions());
-        let owners = match split {
-            Some(_) => self.refresh_owners(),
-            None => vec![0; self.blocks.len()],
-        };
-        let me = split.as_ref().map_or(0, |s| s.comm().rank());
+        let (owners, me) = self.owners_on(split.as_ref());
         // Block after block, for the same reason as the statistics (194 -> 161 ms).
         let staged: Vec<Option<(Tensor, Option<Mat>)>> = self
             .blocks
