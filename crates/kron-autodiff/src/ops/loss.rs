@@ -120,18 +120,17 @@ pub fn sample_gaussian(output: &Tensor, rng: &mut Rng) -> Tensor {
 }
 
 /// 0/1 draws with probabilities `sigmoid(logits)`.
+///
+/// The uniform draws come off the generator in order, one per element; comparing each with its
+/// probability, where the time goes (an exponential per element), runs on rayon's threads, so
+/// the result is the same whatever the number of threads.
 pub fn sample_bernoulli(logits: &Tensor, rng: &mut Rng) -> Tensor {
-    let d = logits
-        .data()
-        .iter()
-        .map(|&z| {
-            if rng.next_f32() < sigmoid(z) {
-                1.0
-            } else {
-                0.0
-            }
-        })
-        .collect();
+    use rayon::prelude::*;
+    let mut d: Vec<f32> = logits.data().iter().map(|_| rng.next_f32()).collect();
+    d.par_iter_mut()
+        .with_min_len(1 << 14)
+        .zip(logits.data().par_iter())
+        .for_each(|(u, &z)| *u = if *u < sigmoid(z) { 1.0 } else { 0.0 });
     Tensor::from_vec(d, logits.shape())
 }
 
