@@ -2,6 +2,7 @@
 //! through faer, statistics in `f32` or `f64`.
 
 use kron_autodiff::{GemmScalar, MatMut, MatRef, Tensor, gemm_strided};
+use rayon::prelude::*;
 
 use super::{Backend, Eigh, Inverse, LinalgError, Mat, Precision, Ridge, Store, linalg};
 
@@ -58,11 +59,36 @@ fn syrk<T: GemmScalar>(d: usize, rows: usize, alpha: T, x: &[T], beta: T, c: &mu
             MatMut::new(&mut c[i0 * ldc + i0..], mi, d - i0, ldc, 1),
         );
     }
-    // Mirror the entries above the diagonal into those below.
-    for i in 0..d {
-        for j in i + 1..d {
-            c[j * ldc + i] = c[i * ldc + j];
+    // Mirror the entries above the diagonal into those below, so that the result is exactly
+    // symmetric on every kernel. (A diagonal block's own lower entries are the same sums as
+    // their mirror images, but a kernel whose tile is not square, 8x4 say, can finish the two
+    // differently at the block's bottom edge.) In each row block: its diagonal block on this
+    // thread (small), then the rows below it, each taking column j of the block's rows into
+    // columns i0..i0+mi, on rayon's threads; the block's rows are only read there.
+    for i0 in (0..d).step_by(h) {
+        let mi = h.min(d - i0);
+        let below = i0 + mi;
+        for i in i0..below {
+            for j in i + 1..below {
+                c[j * ldc + i] = c[i * ldc + j];
+            }
         }
+        if below >= d {
+            break;
+        }
+        let (top, bottom) = c.split_at_mut(below * ldc);
+        let top = &top[i0 * ldc..];
+        bottom
+            .par_chunks_mut(ldc)
+            .take(d - below)
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(r, row)| {
+                let j = below + r;
+                for (t, x) in row[i0..below].iter_mut().enumerate() {
+                    *x = top[t * ldc + j];
+                }
+            });
     }
 }
 
@@ -589,34 +615,44 @@ mod syrk_tests {
 
     #[test]
     fn blocked_symmetric_update_has_the_bits_of_the_full_product() {
+        assert_eq!(syrk_rows(600), 80);
+        assert_eq!(syrk_rows(1100), 144);
         // Row blocks of 80 (d = 600: seven full and a partial one) with a leading dimension
         // wider than d, k within one of matrixmultiply's k-blocks; then blocks of 144 with k
-        // past the first k-block, where the kernel accumulates into c.
+        // past the first k-block, where the kernel accumulates into c, and a last block of 92
+        // rows, which ends inside a register tile. f64 runs on a kernel whose tiles are not
+        // square (8x4 with FMA and AVX2), where a tile's finishing differs across the diagonal.
         for (rows, d, ldc) in [(37, 600, 603), (300, 1100, 1100)] {
-            let (sym, x) = blocked_against_full(rows, d, ldc);
-            if d == 600 {
-                let mut s64: Vec<f64> = sym.iter().map(|&v| v as f64).collect();
-                let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-                syrk(d, rows, 1.0, &x64, 0.0, &mut s64, ldc);
-                for i in (0..d).step_by(97) {
-                    for j in (0..d).step_by(89) {
-                        let exact: f64 = (0..rows).map(|r| x64[r * d + i] * x64[r * d + j]).sum();
-                        assert!((s64[i * ldc + j] - exact).abs() < 1e-9 * (1.0 + exact.abs()));
-                    }
-                }
+            blocked_against_full::<f32>(rows, d, ldc, |v| v.to_bits() as u64, |a| a);
+            blocked_against_full::<f64>(rows, d, ldc, f64::to_bits, |a| a as f64);
+        }
+        // And the f64 update is the exact sum, to rounding.
+        let (rows, d) = (37, 600);
+        let mut rng = Rng::new(4);
+        let x64: Vec<f64> = (0..rows * d).map(|_| rng.normal() as f64).collect();
+        let mut s64 = vec![0.0f64; d * d];
+        syrk(d, rows, 1.0, &x64, 0.0, &mut s64, d);
+        for i in (0..d).step_by(97) {
+            for j in (0..d).step_by(89) {
+                let exact: f64 = (0..rows).map(|r| x64[r * d + i] * x64[r * d + j]).sum();
+                assert!((s64[i * d + j] - exact).abs() < 1e-9 * (1.0 + exact.abs()));
             }
         }
     }
 
-    /// Runs [`syrk`] on a symmetric start and checks every entry against the full product's
-    /// bits; returns the result and the operand.
-    fn blocked_against_full(rows: usize, d: usize, ldc: usize) -> (Vec<f32>, Vec<f32>) {
-        assert_eq!(syrk_rows(600), 80);
-        assert_eq!(syrk_rows(1100), 144);
+    /// Runs [`syrk`] on a symmetric start and checks it: exactly symmetric, each entry on and
+    /// above the diagonal with the bits of the full product's, the padding untouched.
+    fn blocked_against_full<T: GemmScalar + PartialEq + std::fmt::Debug>(
+        rows: usize,
+        d: usize,
+        ldc: usize,
+        bits: impl Fn(T) -> u64,
+        from: impl Fn(f32) -> T,
+    ) {
         let mut rng = Rng::new(3);
-        let x: Vec<f32> = (0..rows * d).map(|_| rng.normal()).collect();
-        let c0: Vec<f32> = (0..d * ldc).map(|_| rng.normal()).collect();
-        let (alpha, beta) = (0.3f32, 0.9f32);
+        let x: Vec<T> = (0..rows * d).map(|_| from(rng.normal())).collect();
+        let c0: Vec<T> = (0..d * ldc).map(|_| from(rng.normal())).collect();
+        let (alpha, beta) = (from(0.3), from(0.9));
         let mut sym = c0.clone();
         // A symmetric start, as a running average is.
         for i in 0..d {
@@ -624,21 +660,26 @@ mod syrk_tests {
                 sym[i * ldc + j] = sym[j * ldc + i];
             }
         }
-        // The full product, as Backend::gemm computes it, on a dense copy of the leading d x d.
-        let mut full_sym: Vec<f32> = (0..d * d).map(|e| sym[(e / d) * ldc + e % d]).collect();
-        kron_autodiff::gemm(d, rows, d, alpha, &x, true, &x, false, beta, &mut full_sym);
+        // The full product on a dense copy of the leading d x d.
+        let mut full: Vec<T> = (0..d * d).map(|e| sym[(e / d) * ldc + e % d]).collect();
+        gemm_strided(
+            alpha,
+            MatRef::new(&x, d, rows, 1, d),
+            MatRef::new(&x, rows, d, d, 1),
+            beta,
+            MatMut::new(&mut full, d, d, d, 1),
+        );
         syrk(d, rows, alpha, &x, beta, &mut sym, ldc);
         for i in 0..d {
-            for j in 0..d {
-                let (s, f) = (sym[i * ldc + j], full_sym[i * d + j]);
-                assert_eq!(s.to_bits(), f.to_bits(), "d {d}: ({i}, {j}): {s} vs {f}");
-                assert_eq!(s.to_bits(), sym[j * ldc + i].to_bits(), "symmetric");
+            for j in i..d {
+                let (s, f) = (sym[i * ldc + j], full[i * d + j]);
+                assert_eq!(bits(s), bits(f), "d {d}: ({i}, {j}): {s:?} vs {f:?}");
+                assert_eq!(bits(s), bits(sym[j * ldc + i]), "d {d}: ({j}, {i}) mirrors");
             }
             // The padding columns beyond d are untouched.
             for j in d..ldc {
                 assert_eq!(sym[i * ldc + j], c0[i * ldc + j]);
             }
         }
-        (sym, x)
     }
 }
