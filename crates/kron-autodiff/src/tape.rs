@@ -8,7 +8,7 @@ use crate::gradients::Gradients;
 use crate::ops::{self, Op};
 use crate::param::{LayerId, ParamId, ParamStore};
 use crate::rng::Rng;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, numel};
 
 /// One recorded operation: what it was and the value it produced.
 pub(crate) struct Node {
@@ -261,24 +261,45 @@ impl<'s> Tape<'s> {
         self.sweep(loss, false)
     }
 
+    /// [`Tape::backward_captures`] from any node `output` whose gradient is given: the sweep
+    /// a scalar loss of `output` would make below it, without recording the loss. The true-Fisher
+    /// pass seeds it with [`LossKind::input_gradient`](crate::LossKind::input_gradient) on the
+    /// sampled labels, which has the bits the loss node's own backward would pass down, and so
+    /// skips computing a loss value nobody reads.
+    ///
+    /// # Panics
+    /// If `seed`'s shape is not `output`'s, or `output` belongs to another tape.
+    #[track_caller]
+    pub fn backward_captures_from(&self, output: Var<'_>, seed: Tensor) -> Gradients {
+        self.sweep_from(output, seed, false)
+    }
+
     #[track_caller]
     fn sweep(&self, loss: Var<'_>, with_params: bool) -> Gradients {
-        assert!(
-            std::ptr::eq(
-                loss.tape as *const Tape<'_> as *const u8,
-                self as *const Tape<'s> as *const u8
-            ),
-            "Tape::backward: the loss was recorded on another tape"
+        self.check_own(loss, "Tape::backward");
+        let shape = self.nodes.borrow()[loss.id].value.shape().to_vec();
+        assert_eq!(
+            numel(&shape),
+            1,
+            "Tape::backward: the loss must be a single value, found shape {shape:?}"
         );
+        self.sweep_from(loss, Tensor::ones(&shape), with_params)
+    }
+
+    #[track_caller]
+    fn sweep_from(&self, from: Var<'_>, seed: Tensor, with_params: bool) -> Gradients {
+        self.check_own(from, "Tape::backward");
         let nodes = self.nodes.borrow();
         assert_eq!(
-            nodes[loss.id].value.numel(),
-            1,
-            "Tape::backward: the loss must be a single value, found shape {:?}",
-            nodes[loss.id].value.shape()
+            seed.shape(),
+            nodes[from.id].value.shape(),
+            "Tape::backward_captures_from: a seed of shape {:?} for an output of shape {:?}",
+            seed.shape(),
+            nodes[from.id].value.shape()
         );
+        let loss = from;
         let mut grads: Vec<Option<Tensor>> = vec![None; loss.id + 1];
-        grads[loss.id] = Some(Tensor::ones(nodes[loss.id].value.shape()));
+        grads[loss.id] = Some(seed);
         let mut params: Vec<Option<Tensor>> = vec![None; self.store.map_or(0, ParamStore::len)];
         let mut leaves = BTreeMap::new();
         let mut captures: BTreeMap<LayerId, LayerCapture> = BTreeMap::new();
@@ -384,6 +405,43 @@ mod tests {
             assert_eq!(f.g, a.g);
         }
         assert_eq!(full.wrt(xv), alone.wrt(xv));
+    }
+
+    /// The true-Fisher pass seeded with a loss's input gradient sweeps with the bits of a
+    /// backward from the recorded loss, for every loss kind.
+    #[test]
+    fn a_seeded_sweep_matches_the_recorded_loss_bit_for_bit() {
+        use crate::{LossKind, Targets};
+        let mut rng = Rng::new(5);
+        let mut store = ParamStore::new();
+        let fc = store.add_layer("fc");
+        let w = store.add("fc.weight", Tensor::randn(&[3, 4], 0.0, 0.5, &mut rng));
+        let b = store.add("fc.bias", Tensor::randn(&[3], 0.0, 0.1, &mut rng));
+        let x = Tensor::randn(&[7, 4], 0.0, 1.0, &mut rng);
+        let values = Tensor::randn(&[7, 3], 0.0, 1.0, &mut rng);
+        let coins = Tensor::from_vec((0..21).map(|i| (i % 2) as f32).collect(), &[7, 3]);
+        for (kind, targets) in [
+            (
+                LossKind::CrossEntropy,
+                Targets::Classes(vec![0, 1, 2, 0, 1, 2, 0]),
+            ),
+            (LossKind::SquaredError, Targets::Values(values)),
+            (LossKind::SigmoidBce, Targets::Values(coins)),
+        ] {
+            let tape = Tape::new(&store).capturing([fc]);
+            let xv = tape.var(x.clone());
+            let out = xv
+                .tanh()
+                .linear(tape.param(w), Some(tape.param(b)), Some(fc));
+            let recorded = tape.backward_captures(kind.apply(out, &targets));
+            let seed = kind.input_gradient(&out.value(), &targets);
+            let seeded = tape.backward_captures_from(out, seed);
+            let (r, s) = (recorded.capture(fc).unwrap(), seeded.capture(fc).unwrap());
+            assert_eq!(r.g, s.g, "{kind:?}");
+            assert_eq!(r.a, s.a, "{kind:?}");
+            assert_eq!(recorded.wrt(xv), seeded.wrt(xv), "{kind:?}");
+            assert!(seeded.get(w).is_none());
+        }
     }
 
     /// A dense layer applied twice (weight tying): one capture with both uses, whose weight

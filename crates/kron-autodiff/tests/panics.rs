@@ -1,6 +1,6 @@
 //! Shape mistakes panic with a message that names the op and the shapes.
 
-use kron_autodiff::{ParamStore, Tape, Tensor};
+use kron_autodiff::{LossKind, ParamStore, Tape, Targets, Tensor};
 
 #[test]
 #[should_panic(
@@ -115,6 +115,31 @@ fn backward_from_a_vector() {
     let t = Tape::without_params();
     let x = t.var(Tensor::zeros(&[2]));
     t.backward(x.tanh());
+}
+
+#[test]
+#[should_panic(
+    expected = "Tape::backward_captures_from: a seed of shape [3] for an output of shape [2]"
+)]
+fn seeded_sweep_of_the_wrong_shape() {
+    let t = Tape::without_params();
+    let x = t.var(Tensor::zeros(&[2]));
+    t.backward_captures_from(x.tanh(), Tensor::zeros(&[3]));
+}
+
+#[test]
+#[should_panic(expected = "cross_entropy: label 3 out of range for 3 classes")]
+fn input_gradient_label() {
+    LossKind::CrossEntropy.input_gradient(&Tensor::zeros(&[2, 3]), &Targets::Classes(vec![0, 3]));
+}
+
+#[test]
+#[should_panic(expected = "sigmoid_bce: output [2, 3] and target [3, 2] differ")]
+fn input_gradient_target() {
+    LossKind::SigmoidBce.input_gradient(
+        &Tensor::zeros(&[2, 3]),
+        &Targets::Values(Tensor::zeros(&[3, 2])),
+    );
 }
 
 #[test]

@@ -290,9 +290,12 @@ fn record<'t>(
     let mut grads = tape.backward(l);
     let captures: Captures = match wants.fisher {
         Some(FisherKind::Sampled) => {
-            let sampled = loss.sample_shard(&out.value(), sample_rng, first);
-            let ls = loss.apply(out, &sampled);
-            tape.backward_captures(ls).take_captures()
+            // Seeded with the sampled loss's gradient in the outputs: the sweep below it has
+            // the bits a recorded loss's would, without the loss value nobody reads.
+            let z = out.value();
+            let sampled = loss.sample_shard(&z, sample_rng, first);
+            let seed = loss.input_gradient(&z, &sampled);
+            tape.backward_captures_from(out, seed).take_captures()
         }
         Some(FisherKind::Empirical) => grads.take_captures(),
         None => Captures::new(),

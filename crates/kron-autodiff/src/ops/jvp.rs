@@ -84,7 +84,7 @@ impl Tape<'_> {
     }
 
     #[track_caller]
-    fn check_own(&self, v: Var<'_>, op: &str) {
+    pub(crate) fn check_own(&self, v: Var<'_>, op: &str) {
         assert!(
             std::ptr::eq(
                 v.tape as *const Tape<'_> as *const u8,

@@ -48,13 +48,38 @@ impl LossKind {
             (LossKind::CrossEntropy, Targets::Classes(y)) => output.cross_entropy(y),
             (LossKind::SquaredError, Targets::Values(t)) => output.squared_error(t),
             (LossKind::SigmoidBce, Targets::Values(t)) => output.sigmoid_bce(t),
-            (k, t) => panic!(
-                "{k:?}: wrong kind of targets ({})",
-                match t {
-                    Targets::Classes(_) => "class labels",
-                    Targets::Values(_) => "values",
-                }
-            ),
+            (k, t) => wrong_targets(k, t),
+        }
+    }
+
+    /// The gradient in `output` of the batch-mean loss against `targets`: what the loss node
+    /// of [`LossKind::apply`] passes down in a backward sweep, with the same bits, without
+    /// computing the loss value. Seeding
+    /// [`Tape::backward_captures_from`](crate::Tape::backward_captures_from) with it makes the
+    /// true-Fisher pass.
+    ///
+    /// # Panics
+    /// As [`LossKind::apply`]: the wrong kind of targets, or targets that do not fit `output`.
+    #[track_caller]
+    pub fn input_gradient(self, output: &Tensor, targets: &Targets) -> Tensor {
+        // The backward's scale: the upstream gradient 1 over the batch size.
+        let s = 1.0f32 / output.dim(0).max(1) as f32;
+        match (self, targets) {
+            (LossKind::CrossEntropy, Targets::Classes(y)) => {
+                let (b, c) = output.dims2();
+                check_labels(y, b, c, output.shape());
+                let probs = log_softmax_rows(output).map(f32::exp);
+                cross_entropy_input_grad(y, &probs, s)
+            }
+            (LossKind::SquaredError, Targets::Values(t)) => {
+                check_same_shape("squared_error", output.shape(), t.shape());
+                squared_error_input_grad(output, t, s)
+            }
+            (LossKind::SigmoidBce, Targets::Values(t)) => {
+                check_same_shape("sigmoid_bce", output.shape(), t.shape());
+                sigmoid_bce_input_grad(output, t, s)
+            }
+            (k, t) => wrong_targets(k, t),
         }
     }
 
@@ -135,6 +160,31 @@ pub fn sample_bernoulli(logits: &Tensor, rng: &mut Rng) -> Tensor {
 }
 
 #[track_caller]
+fn wrong_targets(k: LossKind, t: &Targets) -> ! {
+    panic!(
+        "{k:?}: wrong kind of targets ({})",
+        match t {
+            Targets::Classes(_) => "class labels",
+            Targets::Values(_) => "values",
+        }
+    )
+}
+
+/// Panics unless there is one label per row of `b x c` logits (`shape`), each below `c`.
+#[track_caller]
+fn check_labels(labels: &[usize], b: usize, c: usize, shape: &[usize]) {
+    assert_eq!(
+        labels.len(),
+        b,
+        "cross_entropy: {} labels for logits {shape:?}",
+        labels.len(),
+    );
+    if let Some(&y) = labels.iter().find(|&&y| y >= c) {
+        panic!("cross_entropy: label {y} out of range for {c} classes");
+    }
+}
+
+#[track_caller]
 fn check_same_shape(op: &str, a: &[usize], b: &[usize]) {
     assert!(
         a == b && !a.is_empty(),
@@ -151,20 +201,10 @@ impl<'t> Var<'t> {
     pub fn cross_entropy(self, labels: &[usize]) -> Var<'t> {
         let z = self.value();
         let (b, c) = z.dims2();
-        assert_eq!(
-            labels.len(),
-            b,
-            "cross_entropy: {} labels for logits {:?}",
-            labels.len(),
-            z.shape()
-        );
+        check_labels(labels, b, c, z.shape());
         let lp = log_softmax_rows(&z);
         let mut loss = 0.0f64;
         for (i, &y) in labels.iter().enumerate() {
-            assert!(
-                y < c,
-                "cross_entropy: label {y} out of range for {c} classes"
-            );
             loss -= lp.data()[i * c + y] as f64;
         }
         let probs = lp.map(f32::exp);
