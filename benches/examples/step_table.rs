@@ -402,8 +402,9 @@ fn kfac_table(rounds: usize) {
 }
 
 /// The true-Fisher pass on the autoencoder: a backward sweep from the sampled-label loss with
-/// parameter gradients (`Tape::backward`) and for the captures alone
-/// (`Tape::backward_captures`), alternating.
+/// parameter gradients (`Tape::backward`) and for the captures alone, seeded with the loss's
+/// gradient in the outputs as `train_step` runs it (`Tape::backward_captures_from`),
+/// alternating.
 fn sampled_backward(reps: usize) {
     use kron::autodiff::Tape;
     let w = Workload::autoencoder(1000, 11);
@@ -415,7 +416,13 @@ fn sampled_backward(reps: usize) {
     let (mut full, mut alone) = (Samples::default(), Samples::default());
     for _ in 0..reps {
         full.push(time(|| tape.backward(ls)).0);
-        alone.push(time(|| tape.backward_captures(ls)).0);
+        alone.push(
+            time(|| {
+                let seed = w.loss.input_gradient(&out.value(), &sampled);
+                tape.backward_captures_from(out, seed)
+            })
+            .0,
+        );
     }
     println!(
         "  sampled-label backward: with parameter gradients {:.1} ms, captures alone {:.1} ms (medians of {reps}) [load {}]",
