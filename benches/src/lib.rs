@@ -242,17 +242,16 @@ impl Workload {
     }
 }
 
-/// FLOPs of kron's blocked symmetric update `X^T X` for a `d`-wide factor over `rows` rows: the
-/// block products on and above the diagonal, in 256-column blocks.
+/// FLOPs of kron's blocked symmetric update `X^T X` for a `d`-wide factor over `rows` rows:
+/// the CPU backend's row blocks (of about `d/8` rows, a multiple of 16 from 64 to 256), each
+/// from its diagonal entry to the last column (the blocking of `syrk_rows` in kron-optim's CPU
+/// backend).
 fn syrk_flops(d: usize, rows: f64) -> f64 {
-    let starts: Vec<usize> = (0..d).step_by(256).collect();
-    let mut f = 0.0;
-    for (i, &i0) in starts.iter().enumerate() {
-        for &j0 in &starts[i..] {
-            f += 2.0 * rows * (256.min(d - i0) * 256.min(d - j0)) as f64;
-        }
-    }
-    f
+    let h = (d.div_ceil(8).div_ceil(16) * 16).clamp(64, 256);
+    (0..d)
+        .step_by(h)
+        .map(|i0| 2.0 * rows * (h.min(d - i0) * (d - i0)) as f64)
+        .sum()
 }
 
 /// A fingerprint of every parameter's bits, in parameter order (FNV-1a over the `f32` bit
