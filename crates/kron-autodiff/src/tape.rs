@@ -287,23 +287,22 @@ impl<'s> Tape<'s> {
     }
 
     #[track_caller]
-    fn sweep_from(&self, from: Var<'_>, seed: Tensor, with_params: bool) -> Gradients {
-        self.check_own(from, "Tape::backward");
+    fn sweep_from(&self, root: Var<'_>, seed: Tensor, with_params: bool) -> Gradients {
+        self.check_own(root, "Tape::backward");
         let nodes = self.nodes.borrow();
         assert_eq!(
             seed.shape(),
-            nodes[from.id].value.shape(),
+            nodes[root.id].value.shape(),
             "Tape::backward_captures_from: a seed of shape {:?} for an output of shape {:?}",
             seed.shape(),
-            nodes[from.id].value.shape()
+            nodes[root.id].value.shape()
         );
-        let loss = from;
-        let mut grads: Vec<Option<Tensor>> = vec![None; loss.id + 1];
-        grads[loss.id] = Some(seed);
+        let mut grads: Vec<Option<Tensor>> = vec![None; root.id + 1];
+        grads[root.id] = Some(seed);
         let mut params: Vec<Option<Tensor>> = vec![None; self.store.map_or(0, ParamStore::len)];
         let mut leaves = BTreeMap::new();
         let mut captures: BTreeMap<LayerId, LayerCapture> = BTreeMap::new();
-        for i in (0..=loss.id).rev() {
+        for i in (0..=root.id).rev() {
             let Some(g) = grads[i].take() else { continue };
             let node = &nodes[i];
             if !node.requires_grad {
